@@ -1,0 +1,20 @@
+{% test label_in_classes(model, column_name) %}
+-- Labels must name one of the configured classes, 0 .. num_classes - 1.
+select {{ column_name }}
+from {{ model }}
+where {{ column_name }} < 0 or {{ column_name }} >= {{ var('num_classes') }}
+{% endtest %}
+
+{% test split_has_minimum_rows(model) %}
+-- Every split needs enough labeled rows to train, select and test a model on.
+with expected as (
+    select unnest(['train', 'val', 'test']) as split
+),
+counts as (
+    select split, count(*) as row_count from {{ model }} group by split
+)
+select expected.split, coalesce(counts.row_count, 0) as row_count
+from expected
+left join counts using (split)
+where coalesce(counts.row_count, 0) < {{ var('min_rows_per_split') }}
+{% endtest %}

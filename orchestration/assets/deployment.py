@@ -1,0 +1,137 @@
+"""Deployment: export to ONNX (fp32 and int8) into an immutable registry version, then promote it
+to champion only when the evaluation gate and the export gate both passed."""
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from orchestration.metadata import code_version
+from orchestration.resources import FlywheelHome
+from training.config import ModelConfig
+from training.data import read_beton
+from training.evaluate import TestSet, load_classifier
+from training.export import ExportGatePolicy, export_candidate, export_gate
+from training.registry import WEIGHTS_FILE, Registry
+
+
+class ExportConfig(dg.Config):
+    max_accuracy_drop: float = Field(0.01, description="int8 may lose at most this much top-1 accuracy vs fp32.")
+    max_size_ratio: float = Field(0.3, description="int8 file at most this fraction of the fp32 file.")
+    max_parity_diff: float = Field(1e-3, description="Largest allowed |torch - ONNX fp32| logit difference.")
+
+
+@dg.asset(
+    description="The candidate as ONNX fp32 and int8 (uint8 NHWC `image` in, `logits` out) plus safetensors "
+    "weights and a model card, published as a new immutable registry version.",
+    group_name="deployment",
+    kinds={"onnx"},
+)
+def exported_model(
+    context: dg.AssetExecutionContext,
+    config: ExportConfig,
+    flywheel: FlywheelHome,
+    ffcv_datasets: dict,
+    trained_model: dict,
+    model_evaluation: dict,
+) -> dg.Output[dict]:
+    model_config = ModelConfig.model_validate(trained_model["model"])
+    network = load_classifier(Path(trained_model["weights_path"]), model_config)
+    calibration_images, _ = read_beton(Path(ffcv_datasets["splits"]["val"]["path"]))
+    test_split = ffcv_datasets["splits"]["test"]
+    test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
+
+    registry = Registry(flywheel.registry)
+    staging = registry.staging_dir(context.run_id)
+    report = export_candidate(network, model_config.resolution, calibration_images, test.images, test.labels, staging)
+    passed, reasons = export_gate(report, ExportGatePolicy(config.max_accuracy_drop, config.max_size_ratio, config.max_parity_diff))
+    shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
+    card = {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "class_names": [str(c) for c in range(model_config.num_classes)],
+        "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "height": model_config.resolution, "width": model_config.resolution, "channels": 3},
+        "output": {"name": "logits", "dtype": "float32"},
+        "model": model_config.model_dump(),
+        "metrics": {
+            "test_accuracy": model_evaluation["candidate"]["accuracy"],
+            "test_macro_f1": model_evaluation["candidate"]["macro_f1"],
+            "test_ece": model_evaluation["candidate"]["ece"],
+            "test_examples": model_evaluation["candidate"]["count"],
+            "test_accuracy_onnx_fp32": report.fp32_accuracy,
+            "test_accuracy_int8": report.int8_accuracy,
+            "val_accuracy": trained_model["val_accuracy"],
+            "per_batch": model_evaluation["candidate"]["slices"],
+        },
+        "export": {
+            "fp32_bytes": report.fp32_bytes, "int8_bytes": report.int8_bytes,
+            "parity_max_abs_diff": report.parity_max_abs_diff,
+        },
+        "gates": {
+            "evaluation": model_evaluation["gate"],
+            "export": {"passed": passed, "reasons": reasons},
+        },
+        "lineage": {
+            "training_batches": trained_model["training_batches"],
+            "training_attempt": trained_model["attempt"],
+            "parent_champion": trained_model["parent_champion"],
+            "compared_with_champion": model_evaluation["champion_version"],
+            "code_version": code_version(),
+            "wandb_run_id": trained_model["wandb_run_id"],
+            "dagster_run_id": context.run_id,
+        },
+    }
+    version = registry.publish(staging, card)
+    for reason in reasons:
+        context.log.info(f"export gate: {reason}")
+    return dg.Output(
+        {"version": version.version, "path": str(version.path), "export_gate": {"passed": passed, "reasons": reasons}},
+        metadata={
+            "version": version.version,
+            "registry_path": dg.MetadataValue.path(str(version.path)),
+            "fp32_bytes": report.fp32_bytes,
+            "int8_bytes": report.int8_bytes,
+            "int8_size_ratio": round(report.size_ratio, 4),
+            "fp32_test_accuracy": report.fp32_accuracy,
+            "int8_test_accuracy": report.int8_accuracy,
+            "parity_max_abs_diff": report.parity_max_abs_diff,
+            "export_gate_passed": passed,
+            "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
+        },
+    )
+
+
+@dg.asset(
+    description="The registry's champion pointer: flipped atomically to the new version only when the "
+    "evaluation gate and the export gate both passed.",
+    group_name="deployment",
+    kinds={"onnx"},
+)
+def champion_model(
+    context: dg.AssetExecutionContext, flywheel: FlywheelHome, exported_model: dict, model_evaluation: dict
+) -> dg.Output[dict]:
+    registry = Registry(flywheel.registry)
+    evaluation_passed = model_evaluation["gate"]["passed"]
+    export_passed = exported_model["export_gate"]["passed"]
+    candidate = exported_model["version"]
+    promoted = evaluation_passed and export_passed
+    if promoted:
+        registry.promote(candidate, reason="; ".join(model_evaluation["gate"]["reasons"]))
+        context.log.info(f"{candidate} is the new champion")
+    else:
+        failed = [name for name, ok in (("evaluation", evaluation_passed), ("export", export_passed)) if not ok]
+        context.log.warning(f"{candidate} was not promoted: the {' and '.join(failed)} gate failed")
+    champion = registry.champion()
+    card = champion.card() if champion else {}
+    return dg.Output(
+        {"champion": champion.version if champion else None, "candidate": candidate, "promoted": promoted},
+        metadata={
+            "champion": champion.version if champion else "none",
+            "candidate": candidate,
+            "promoted": promoted,
+            "champion_test_accuracy": card.get("metrics", {}).get("test_accuracy", float("nan")),
+            "champion_int8_test_accuracy": card.get("metrics", {}).get("test_accuracy_int8", float("nan")),
+            "champion_path": dg.MetadataValue.path(str(champion.path)) if champion else "none",
+        },
+    )

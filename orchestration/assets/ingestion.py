@@ -1,0 +1,74 @@
+"""Ingestion: one landing file -> its accepted rows in `raw_images`, its bad rows in `quarantined_images`."""
+
+import dagster as dg
+from pydantic import Field
+
+from orchestration.metadata import markdown_table
+from orchestration.partitions import batch_partitions
+from orchestration.resources import FlywheelHome
+from transforms import warehouse
+from transforms.landing import LandingFileError, file_sha256, ValidationRules, read_landing_file, validate_batch
+
+
+class IngestConfig(dg.Config):
+    max_pixels: int = Field(4096 * 4096, description="Larger images are quarantined as image_too_large.")
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "raw_images",
+            description="Accepted images of each landed batch, decoded once, with per-image statistics.",
+            group_name="ingestion",
+            kinds={"polars", "duckdb"},
+        ),
+        dg.AssetSpec(
+            "quarantined_images",
+            description="Rows of each batch that failed validation, with a machine-readable reason and a message.",
+            group_name="ingestion",
+            kinds={"polars", "duckdb"},
+        ),
+    ],
+    partitions_def=batch_partitions,
+    pool="warehouse",
+)
+def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywheel: FlywheelHome):
+    batch_id = context.partition_key
+    path = flywheel.landing_file(batch_id)
+    try:
+        frame = read_landing_file(path)
+    except LandingFileError as error:
+        # The file is unusable as a whole: fail this partition only, touching nothing stored.
+        raise dg.Failure(description=str(error), allow_retries=False) from None
+    rules = ValidationRules(num_classes=flywheel.num_classes, max_pixels=config.max_pixels)
+    with warehouse.connect(flywheel.warehouse) as connection:
+        batch = validate_batch(
+            path, frame, rules, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes)
+        )
+        counts = warehouse.replace_batch(connection, batch)
+
+    for message in batch.quarantined["message"].head(20):
+        context.log.warning(message)
+    reasons = batch.quarantined.group_by("reason").len().sort("reason")
+    labeled = batch.images["label"].is_not_null().sum()
+    yield dg.MaterializeResult(
+        asset_key="raw_images",
+        metadata={
+            "file": dg.MetadataValue.path(str(path)),
+            "file_sha256": file_sha256(path),
+            "rows_in_file": batch.row_count,
+            "accepted": counts.images,
+            "labeled": int(labeled),
+            "replaced_rows": counts.replaced_images,
+            "dagster/row_count": counts.images,
+            "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="quarantined_images",
+        metadata={
+            "quarantined": counts.quarantined,
+            "dagster/row_count": counts.quarantined,
+            "reasons": dg.MetadataValue.json(dict(zip(reasons["reason"], reasons["len"]))),
+        },
+    )

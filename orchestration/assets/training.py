@@ -1,0 +1,81 @@
+"""Training: torchrun launched through Dagster Pipes, so distributed training runs as its own
+process group (Lightning's DDP launcher would otherwise re-execute Dagster itself)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from orchestration.resources import FlywheelHome, TrainingCompute
+from training.config import FitConfig, ModelConfig, OptimConfig
+from training.fit import RESULT_FILE
+from training.registry import Registry
+
+
+class TrainingConfig(dg.Config):
+    epochs: int = Field(8, description="Enough for >= 0.95 test accuracy on the digits default.")
+    batch_size: int = Field(64, description="Per process.")
+    learning_rate: float = Field(3e-3, description="Peak of the one-cycle schedule.")
+    width: int = Field(32, description="Channels of the first ResNet stage (~0.3M parameters at 32).")
+    seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
+    warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
+
+
+def attempt_id(datasets: dict, fit_payload: dict) -> str:
+    """Same datasets and same configuration -> same attempt folder, so a re-run resumes it."""
+    digest = hashlib.sha256(json.dumps([datasets["splits"], fit_payload], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+@dg.asset(
+    description="A candidate classifier trained with Lightning on the FFCV datasets (DDP when several "
+    "processes run), checkpointed every epoch and logged to W&B.",
+    group_name="training",
+    kinds={"pytorch", "wandb"},
+    pool="gpu",
+)
+def trained_model(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    flywheel: FlywheelHome,
+    compute: TrainingCompute,
+    ffcv_datasets: dict,
+) -> dg.Output[dict]:
+    champion = Registry(flywheel.registry).champion()
+    model = ModelConfig(width=config.width, num_classes=flywheel.num_classes, resolution=flywheel.resolution)
+    optim = OptimConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed)
+    payload = {
+        "model": model.model_dump(),
+        "optim": optim.model_dump(),
+        "compute": compute.compute_config(),
+        "warm_start": str(champion.weights) if champion and config.warm_start else None,
+    }
+    run_dir = flywheel.checkpoints / attempt_id(ffcv_datasets, payload)
+    fit_config = FitConfig(
+        beton_dir=Path(ffcv_datasets["dir"]),
+        run_dir=run_dir,
+        wandb_save_dir=flywheel.root,
+        run_name=f"train-{run_dir.name}",
+        tags={"dagster_run_id": context.run_id},
+        **payload,
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "fit_config.json"
+    config_path.write_text(fit_config.model_dump_json(indent=2))
+    context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.torchrun_command(config_path))}")
+
+    invocation = dg.PipesSubprocessClient().run(
+        command=compute.torchrun_command(config_path), context=context, env={"PYTHONUNBUFFERED": "1"}
+    )
+    reported = invocation.get_materialize_result().metadata or {}
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    value = {
+        **result,
+        "attempt": run_dir.name,
+        "model": model.model_dump(),
+        "training_batches": ffcv_datasets["splits"]["train"]["batches"],
+        "parent_champion": champion.version if champion else None,
+    }
+    return dg.Output(value, metadata={**reported, "attempt": run_dir.name, "training_batches": len(value["training_batches"])})

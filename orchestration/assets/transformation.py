@@ -1,0 +1,55 @@
+"""Transformation: the dbt project (staging -> intermediate -> marts) as Dagster assets; dbt tests
+become asset checks."""
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+
+from orchestration.resources import REPO_ROOT, FlywheelHome
+
+
+@cache
+def dbt_project() -> DbtProject:
+    """The manifest is prepared at build time (`make setup` runs `dbt parse`), not on import."""
+    project = DbtProject(project_dir=REPO_ROOT / "dbt_project", profiles_dir=REPO_ROOT / "dbt_project")
+    project.prepare_if_dev()
+    return project
+
+
+def dbt_resource() -> DbtCliResource:
+    # The dbt beside this interpreter, so a venv works without being activated.
+    beside_python = Path(sys.executable).parent / "dbt"
+    return DbtCliResource(
+        project_dir=dbt_project(), dbt_executable=str(beside_python) if beside_python.exists() else "dbt"
+    )
+
+
+class FlywheelDbtTranslator(DagsterDbtTranslator):
+    """dbt sources are the ingestion assets (`raw_images`), models keep their names, all in one group."""
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
+        # By name alone: the source `flywheel.raw_images` is the asset ingestion materializes.
+        return dg.AssetKey(dbt_resource_props["name"])
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str:
+        return "transformation"
+
+
+@dbt_assets(
+    manifest=dbt_project().manifest_path,
+    project=dbt_project(),
+    dagster_dbt_translator=FlywheelDbtTranslator(),
+    pool="warehouse",
+)
+def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, flywheel: FlywheelHome):
+    # The profile reads the data root from the environment; set it to this run's resource value.
+    os.environ["FLYWHEEL_HOME"] = str(flywheel.root)
+    dbt_vars = json.dumps({"num_classes": flywheel.num_classes})
+    yield from dbt.cli(["build", "--vars", dbt_vars], context=context).stream()

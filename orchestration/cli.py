@@ -1,0 +1,134 @@
+"""`flywheel`: simulate landing batches, run one tick of the loop, predict with the champion, show status.
+
+Errors a user can cause end with a one-line message and exit code 2, never only a traceback.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from orchestration.resources import FlywheelHome
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def _flywheel() -> FlywheelHome:
+    return FlywheelHome()
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from transforms.simulate import SimulationSpec, simulate_batches
+
+    try:
+        spec = SimulationSpec(
+            batches=args.batches, batch_size=args.size, resolution=args.resolution, drift=args.drift,
+            strength=args.strength, labeled=not args.unlabeled, pool=args.pool, prefix=args.prefix, seed=args.seed,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    flywheel = _flywheel()
+    written, kept = simulate_batches(flywheel.landing, spec, overwrite=args.overwrite)
+    for path in written:
+        print(f"landed {path}")
+    for path in kept:
+        print(f"kept existing {path} (use --overwrite to replace it)")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from orchestration.definitions import defs
+    from orchestration.instance import get_instance
+    from orchestration.loop import run_tick
+    from orchestration.summary import print_tick_summary
+
+    flywheel = _flywheel()
+    instance = get_instance(flywheel.root)
+    if args.select:
+        import dagster as dg
+
+        result = dg.materialize(
+            list(defs.assets), selection=args.select, instance=instance,
+            resources=defs.resources, partition_key=args.partition, raise_on_error=False,
+        )
+        from orchestration.loop import failure_message
+
+        if not result.success:
+            raise UserError(f"materializing {args.select!r} failed: {failure_message(result)}")
+        print(f"materialized {args.select}")
+        return
+    report = run_tick(defs, instance, flywheel)
+    print_tick_summary(report, flywheel)
+    if report.failed:
+        sys.exit(1)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from orchestration.predict import predict_files
+
+    flywheel = _flywheel()
+    written, problems = predict_files([Path(f) for f in args.files], Path(args.output), flywheel)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"wrote {written} predictions to {args.output}")
+    if problems:
+        sys.exit(1)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from orchestration.summary import print_status
+
+    print_status(_flywheel())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from transforms.simulate import DRIFT_KINDS
+
+    parser = argparse.ArgumentParser(prog="flywheel", description="A continuous-learning pipeline for image classifiers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="write landing batches from the bundled digits dataset")
+    simulate.add_argument("--batches", type=int, default=4, help="how many batch files (default 4)")
+    simulate.add_argument("--size", type=int, default=None, help="images per batch (default: the pool split evenly)")
+    simulate.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
+    simulate.add_argument("--drift", choices=DRIFT_KINDS, default="none", help="kind of drift to apply")
+    simulate.add_argument("--strength", type=float, default=1.0, help="drift strength in [0, 1] (default 1)")
+    simulate.add_argument("--unlabeled", action="store_true", help="leave the label column empty")
+    simulate.add_argument("--pool", choices=("main", "holdout", "all"), default="main",
+                          help="main: digits for clean batches; holdout: digits no main batch contains")
+    simulate.add_argument("--prefix", default="digits", help="batch ids are PREFIX-000, PREFIX-001, ...")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--overwrite", action="store_true", help="replace landing files that already exist")
+    simulate.set_defaults(handler=cmd_simulate)
+
+    run = commands.add_parser("run", help="one tick of the loop: ingest, transform, monitor, retrain if needed")
+    run.add_argument("--select", help="materialize this Dagster asset selection instead of a loop tick")
+    run.add_argument("--partition", help="batch id to materialize with --select for partitioned assets")
+    run.set_defaults(handler=cmd_run)
+
+    predict = commands.add_parser("predict", help="score landing parquet files or image files with the champion (int8)")
+    predict.add_argument("files", nargs="+", help="landing-format .parquet files or .png/.jpg images")
+    predict.add_argument("--output", required=True, help="predictions file: .parquet or .csv")
+    predict.set_defaults(handler=cmd_predict)
+
+    status = commands.add_parser("status", help="the champion, its lineage, the versions and the drift history")
+    status.set_defaults(handler=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from orchestration.loop import TickFailed
+    from training.registry import RegistryError
+    from transforms.landing import LandingFileError
+
+    try:
+        args.handler(args)
+    except (UserError, TickFailed, RegistryError, LandingFileError, FileNotFoundError) as error:
+        print(f"flywheel {args.command}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The Dagster code location: assembles assets, jobs and resources; decides nothing itself."""
+
+import dagster as dg
+
+from orchestration.assets.datasets import ffcv_datasets
+from orchestration.assets.deployment import champion_model, exported_model
+from orchestration.assets.evaluation import model_evaluation
+from orchestration.assets.ingestion import ingest_batch
+from orchestration.assets.monitoring import drift_report
+from orchestration.assets.training import trained_model
+from orchestration.assets.transformation import dbt_models, dbt_resource
+from orchestration.io_manager import JsonIOManager
+from orchestration.jobs import ingest_job, monitor_job, retrain_job, transform_job
+from orchestration.resources import FlywheelHome, TrainingCompute
+
+flywheel = FlywheelHome()
+
+defs = dg.Definitions(
+    assets=[
+        ingest_batch,
+        dbt_models,
+        ffcv_datasets,
+        trained_model,
+        model_evaluation,
+        exported_model,
+        champion_model,
+        drift_report,
+    ],
+    jobs=[ingest_job, transform_job, retrain_job, monitor_job],
+    resources={
+        "flywheel": flywheel,
+        "compute": TrainingCompute(),
+        "dbt": dbt_resource(),
+        "io_manager": JsonIOManager(flywheel=flywheel),
+    },
+)

@@ -1,0 +1,42 @@
+"""The persistent Dagster instance under the data root, shared by `flywheel run`, `make dev`'s
+webserver and daemon, so every run shows up in the UI."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+# Every pool has one slot: DuckDB allows one writer (pool `warehouse`) and training one run at a
+# time (pool `gpu`). Run monitoring frees the slots of runs whose process died.
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
+"""
+
+
+def dagster_home(flywheel_root: Path) -> Path:
+    """`$DAGSTER_HOME`, else `<data root>/dagster`, created with flywheel's dagster.yaml."""
+    home = Path(os.environ.get("DAGSTER_HOME") or flywheel_root / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    return home
+
+
+def get_instance(flywheel_root: Path) -> dg.DagsterInstance:
+    os.environ["DAGSTER_HOME"] = str(dagster_home(flywheel_root))
+    return dg.DagsterInstance.get()
+
+
+if __name__ == "__main__":
+    # `make dev` asks for the instance folder (created with flywheel's dagster.yaml) to export it.
+    from orchestration.resources import FlywheelHome
+
+    print(dagster_home(FlywheelHome().root))

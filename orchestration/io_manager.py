@@ -1,0 +1,40 @@
+"""Asset values between stages are small JSON documents (paths, versions, metrics), never pickles:
+nothing under the data root is ever loaded with pickle."""
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.resources import FlywheelHome
+from transforms.landing import check_batch_id
+
+
+class JsonIOManager(dg.ConfigurableIOManager):
+    """Stores each asset value as `$FLYWHEEL_HOME/values/<asset key>/<partition>.json`."""
+
+    flywheel: dg.ResourceDependency[FlywheelHome]
+
+    def _path(self, key: dg.AssetKey, partition: str | None) -> Path:
+        name = check_batch_id(partition) if partition else "__unpartitioned__"
+        return self.flywheel.root.joinpath("values", *key.path) / f"{name}.json"
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        if obj is None:  # assets that only materialize tables (dbt) pass no value on
+            return
+        partition = context.partition_key if context.has_asset_partitions else None
+        path = self._path(context.asset_key, partition)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(partial, path)
+
+    def load_input(self, context: dg.InputContext):
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        path = self._path(context.asset_key, partition)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no stored value for asset {context.asset_key.to_user_string()} at {path}: materialize it first"
+            )
+        return json.loads(path.read_text())

@@ -1,0 +1,35 @@
+"""Jobs launchable from the UI, the CLI, sensors and schedules. Each is one step of the loop."""
+
+import dagster as dg
+
+from orchestration.assets.transformation import dbt_models
+from orchestration.partitions import batch_partitions
+
+ingest_job = dg.define_asset_job(
+    "ingest",
+    selection=dg.AssetSelection.assets("raw_images", "quarantined_images"),
+    partitions_def=batch_partitions,
+    description="Validate one landed batch and load it into the warehouse (bad rows to quarantine).",
+)
+
+transform_job = dg.define_asset_job(
+    "transform",
+    selection=dg.AssetSelection.assets(dbt_models),
+    description="dbt build: staging -> intermediate -> marts, with dbt tests as asset checks.",
+)
+
+retrain_job = dg.define_asset_job(
+    "retrain",
+    selection=dg.AssetSelection.assets(
+        "ffcv_datasets", "trained_model", "model_evaluation", "exported_model", "champion_model"
+    ),
+    description="Write FFCV datasets, train a candidate, evaluate it against the champion, export and "
+    "promote it if every gate passes.",
+)
+
+monitor_job = dg.define_asset_job(
+    "monitor",
+    selection=dg.AssetSelection.assets("drift_report"),
+    partitions_def=batch_partitions,
+    description="Drift report of one batch against the champion's training data.",
+)

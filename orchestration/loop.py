@@ -1,0 +1,112 @@
+"""One tick of the continuous-learning loop, as `flywheel run` performs it: ingest what landed,
+transform, monitor, and retrain / evaluate / export / promote when the retraining policy says so."""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import dagster as dg
+
+from orchestration.policy import RetrainingDecision, decide
+from orchestration.resources import FlywheelHome
+from training.registry import Registry
+from transforms.landing import LandingFileError, batch_id_of, file_sha256
+
+
+# Dagster's console logger at INFO: the assets' own messages, without per-event debug lines.
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+class TickFailed(Exception):
+    """A stage of the tick failed; the message says which and why, and the run is in the Dagster UI."""
+
+
+@dataclass
+class TickReport:
+    landed: list[str] = field(default_factory=list)
+    ingested: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    drift: dict[str, dict] = field(default_factory=dict)
+    decision: RetrainingDecision | None = None
+    champion_before: str | None = None
+    champion_after: str | None = None
+    candidate: dict | None = None
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            if data.user_failure_data and data.user_failure_data.description:
+                return data.user_failure_data.description
+            return data.error.message.strip() if data.error else "step failed"
+    return "run failed"
+
+
+def _ingested_digest(instance: dg.DagsterInstance, batch_id: str) -> str | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_images"), asset_partitions=[batch_id]), limit=1
+    ).records
+    if not records:
+        return None
+    entry = records[0].asset_materialization.metadata.get("file_sha256")
+    return entry.value if entry else None
+
+
+def run_tick(
+    defs: dg.Definitions, instance: dg.DagsterInstance, flywheel: FlywheelHome, log: Callable[[str], None] = print
+) -> TickReport:
+    report = TickReport()
+    registry = Registry(flywheel.registry)
+    champion = registry.champion()
+    report.champion_before = champion.version if champion else None
+
+    for path in sorted(flywheel.landing.glob("*.parquet")):
+        try:
+            report.landed.append(batch_id_of(path))
+        except LandingFileError as error:
+            report.failed[path.name] = str(error)
+    instance.add_dynamic_partitions("batches", report.landed)
+    new = [b for b in report.landed if _ingested_digest(instance, b) != file_sha256(flywheel.landing_file(b))]
+
+    ingest = defs.resolve_job_def("ingest")
+    for batch_id in new:
+        log(f"ingesting batch {batch_id}")
+        result = ingest.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, run_config=QUIET)
+        if result.success:
+            report.ingested.append(batch_id)
+        else:
+            report.failed[batch_id] = failure_message(result)
+            log(f"batch {batch_id} was not ingested: {report.failed[batch_id]}")
+    if report.ingested:
+        log("transforming with dbt")
+        result = defs.resolve_job_def("transform").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
+        if not result.success:
+            raise TickFailed(f"dbt build failed (run {result.run_id}): {failure_message(result)}")
+
+    def monitor(batches: list[str]) -> None:
+        job = defs.resolve_job_def("monitor")
+        for batch_id in batches:
+            result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, run_config=QUIET)
+            if result.success:
+                report.drift[batch_id] = result.output_for_node("drift_report")
+            else:
+                report.failed[batch_id] = failure_message(result)
+
+    if champion is not None:
+        monitor(report.ingested)
+    report.decision = decide(champion.card() if champion else None, list(report.drift.values()))
+    if report.decision.retrain:
+        log(f"retraining: {'; '.join(report.decision.reasons)}")
+        result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
+        if not result.success:
+            raise TickFailed(f"retraining failed (run {result.run_id}): {failure_message(result)}")
+        report.candidate = {
+            "evaluation": result.output_for_node("model_evaluation"),
+            "export": result.output_for_node("exported_model"),
+            "champion": result.output_for_node("champion_model"),
+        }
+        if champion is None:
+            monitor(report.ingested)  # the first champion's view of the batches it was trained on
+    after = registry.champion()
+    report.champion_after = after.version if after else None
+    return report

@@ -1,0 +1,111 @@
+"""Resources: the data root every stage shares, and the compute that training runs on."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_home() -> str:
+    """`$FLYWHEEL_HOME`, or `.flywheel` in the repository (DESIGN.md's data contract)."""
+    return str(Path(os.environ.get("FLYWHEEL_HOME") or REPO_ROOT / ".flywheel").resolve())
+
+
+class FlywheelHome(dg.ConfigurableResource):
+    """The data root and the facts about the data every stage must agree on."""
+
+    home: str = Field("", description="Data root; empty means $FLYWHEEL_HOME, else .flywheel in the repository.")
+    num_classes: int = Field(10, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
+    resolution: int = Field(32, description="Square training and serving resolution in pixels.")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.home).resolve() if self.home else Path(default_home())
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def labels(self) -> Path:
+        return self.landing / "labels"
+
+    @property
+    def warehouse(self) -> Path:
+        return self.root / "warehouse.duckdb"
+
+    @property
+    def ffcv(self) -> Path:
+        return self.root / "ffcv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def landing_file(self, batch_id: str) -> Path:
+        from transforms.landing import check_batch_id
+
+        return self.landing / f"{check_batch_id(batch_id)}.parquet"
+
+
+class TrainingCompute(dg.ConfigurableResource):
+    """Where training runs. The asset is the same on a laptop, a multi-GPU box or a cluster; only
+    this changes (see the README's scale-out guide)."""
+
+    accelerator: str = Field("auto", description="auto: cuda when present, else cpu.")
+    devices: str = Field("auto", description="Processes per node: a number, or auto (all GPUs, else 1).")
+    num_nodes: int = Field(1, description="Nodes taking part; >1 needs rdzv_endpoint.")
+    node_rank: int = Field(0, description="This node's rank when num_nodes > 1.")
+    rdzv_endpoint: str = Field("", description="host:port of the rendezvous for multi-node training.")
+    strategy: str = Field("auto", description="Lightning strategy; auto is ddp when several processes run.")
+    precision: str = Field("", description="Empty picks per accelerator (32-true on CPU, bf16-mixed on GPUs).")
+    compile: bool = Field(False, description="torch.compile the network.")
+    num_workers: int = Field(2, description="FFCV loader threads per process.")
+
+    def processes_per_node(self) -> int:
+        if self.devices != "auto":
+            return int(self.devices)
+        if self.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+            return torch.cuda.device_count()
+        return 1
+
+    def compute_config(self) -> dict:
+        processes = self.processes_per_node()
+        distributed = processes * self.num_nodes > 1
+        return {
+            "accelerator": self.accelerator,
+            "devices": processes,
+            "num_nodes": self.num_nodes,
+            "strategy": "ddp" if distributed and self.strategy == "auto" else self.strategy,
+            "precision": self.precision or None,
+            "compile": self.compile,
+            "num_workers": self.num_workers,
+        }
+
+    def torchrun_command(self, config_path: Path) -> list[str]:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.processes_per_node()}"]
+        if self.num_nodes > 1:
+            command += [
+                f"--nnodes={self.num_nodes}",
+                f"--node-rank={self.node_rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.rdzv_endpoint}",
+            ]
+        else:
+            command += ["--standalone"]
+        return command + ["-m", "training.fit", str(config_path)]

@@ -1,0 +1,111 @@
+"""What `flywheel run` and `flywheel status` print."""
+
+import json
+
+import polars as pl
+
+from orchestration.loop import TickReport
+from orchestration.resources import FlywheelHome
+from training.registry import Registry
+
+
+def _table(rows: list[dict]) -> str:
+    with pl.Config(tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True, tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60):
+        return str(pl.DataFrame(rows))
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def champion_lines(flywheel: FlywheelHome) -> list[str]:
+    champion = Registry(flywheel.registry).champion()
+    if champion is None:
+        return ["champion: none yet"]
+    card = champion.card()
+    metrics, export = card["metrics"], card["export"]
+    return [
+        f"champion: {champion.version}  ({champion.path})",
+        f"  test accuracy  fp32 {metrics['test_accuracy']:.4f}   int8 {metrics['test_accuracy_int8']:.4f}"
+        f"   on {metrics['test_examples']} test images",
+        f"  model size     fp32 {_kib(export['fp32_bytes'])}   int8 {_kib(export['int8_bytes'])}"
+        f"   ({export['int8_bytes'] / export['fp32_bytes']:.2f}x)",
+        f"  trained on     {', '.join(card['lineage']['training_batches'])}",
+        f"  parent         {card['lineage']['parent_champion'] or 'none'}   W&B run {card['lineage']['wandb_run_id']}",
+    ]
+
+
+def _drift_rows(reports: list[dict]) -> list[dict]:
+    return [
+        {
+            "batch": r["batch_id"],
+            "champion": r["champion"],
+            "drifted features": f"{sum(f['drifted'] for f in r['features'])}/{len(r['features'])}",
+            "drift": "DRIFT" if r["dataset_drift"] else "-",
+            "champion accuracy": "unlabeled" if r["champion_accuracy"] is None else f"{r['champion_accuracy']:.3f}",
+        }
+        for r in reports
+    ]
+
+
+def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
+    print()
+    print("== flywheel run ==")
+    print(f"landed {len(report.landed)} batch(es); ingested now: {', '.join(report.ingested) or 'none'}")
+    for name, message in report.failed.items():
+        print(f"FAILED {name}: {message}")
+    if report.drift:
+        print("drift (each batch against the champion's training data):")
+        print(_table(_drift_rows(list(report.drift.values()))))
+    if report.decision:
+        print(f"retraining: {'yes — ' + '; '.join(report.decision.reasons) if report.decision.retrain else 'not needed'}")
+    if report.candidate:
+        gate = report.candidate["evaluation"]["gate"]
+        export = report.candidate["export"]
+        print(f"candidate {export['version']}: evaluation gate {'passed' if gate['passed'] else 'FAILED'}, "
+              f"export gate {'passed' if export['export_gate']['passed'] else 'FAILED'}")
+        for reason in gate["reasons"] + export["export_gate"]["reasons"]:
+            print(f"  - {reason}")
+        # Before/after on each batch the loop just reacted to: champion then vs the candidate now.
+        slices = report.candidate["evaluation"]["candidate"]["slices"]
+        for batch, drift in report.drift.items():
+            if drift["champion_accuracy"] is not None and batch in slices and drift["champion"] == report.champion_before:
+                print(f"  batch {batch}: {drift['champion']} accuracy {drift['champion_accuracy']:.3f} (whole batch) -> "
+                      f"{export['version']} {slices[batch]['accuracy']:.3f} (its {slices[batch]['count']} test images)")
+    if report.champion_before != report.champion_after:
+        print(f"champion: {report.champion_before or 'none'} -> {report.champion_after}")
+    for line in champion_lines(flywheel):
+        print(line)
+
+
+def drift_history(flywheel: FlywheelHome) -> list[dict]:
+    folder = flywheel.root / "values" / "drift_report"
+    reports = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    return reports
+
+
+def print_status(flywheel: FlywheelHome) -> None:
+    registry = Registry(flywheel.registry)
+    for line in champion_lines(flywheel):
+        print(line)
+    versions = registry.versions()
+    if versions:
+        champion = registry.champion()
+        print("\nversions:")
+        rows = []
+        for version in versions:
+            card = version.card()
+            rows.append({
+                "version": version.version + (" *" if champion and champion.version == version.version else ""),
+                "created": card["created_at"][:19],
+                "test acc": round(card["metrics"]["test_accuracy"], 4),
+                "int8 acc": round(card["metrics"]["test_accuracy_int8"], 4),
+                "eval gate": "pass" if card["gates"]["evaluation"]["passed"] else "FAIL",
+                "export gate": "pass" if card["gates"]["export"]["passed"] else "FAIL",
+                "parent": card["lineage"]["parent_champion"] or "-",
+            })
+        print(_table(rows))
+    history = drift_history(flywheel)
+    if history:
+        print("\ndrift history:")
+        print(_table(_drift_rows(history)))

@@ -1,0 +1,66 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transforms.images import STAT_COLUMNS, ImageRejected, decode_image, image_statistics, resize_rgb
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, fmt", [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("L", "JPEG"), ("RGB", "JPEG")]
+)
+def test_decodes_every_supported_mode_and_format_to_rgb(mode: str, fmt: str):
+    image = Image.new(mode, (13, 7), color=200 if mode in ("L", "P") else (200, 100, 50, 255)[: len(mode)])
+    decoded = decode_image(encode(image, fmt), max_pixels=10_000)
+    assert decoded.rgb.shape == (7, 13, 3) and decoded.rgb.dtype == np.uint8
+    assert (decoded.format, decoded.mode, decoded.width, decoded.height) == (fmt, mode, 13, 7)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "missing_image"),
+        (None, "missing_image"),
+        (b"definitely not an image", "undecodable_image"),
+        (encode(Image.new("L", (8, 8)), "PNG")[:30], "undecodable_image"),
+        (encode(Image.new("RGB", (8, 8)), "GIF"), "unsupported_format"),
+        (encode(Image.new("I;16", (8, 8)), "PNG"), "unsupported_mode"),
+        (encode(Image.new("L", (200, 200)), "PNG"), "image_too_large"),
+    ],
+)
+def test_rejects_bad_images_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(data, max_pixels=100 * 100)
+    assert rejected.value.reason == reason
+
+
+def test_resize_to_training_resolution():
+    assert resize_rgb(np.zeros((8, 20, 3), np.uint8), 32).shape == (32, 32, 3)
+
+
+def digit_like(angle: float = 0.0, invert: bool = False) -> np.ndarray:
+    image = Image.new("L", (32, 32), 0)
+    image.paste(255, (14, 6, 18, 26))  # a vertical stroke
+    image = image.rotate(angle, resample=Image.Resampling.BILINEAR)
+    pixels = np.asarray(image)
+    pixels = 255 - pixels if invert else pixels
+    return np.repeat(pixels[:, :, None], 3, axis=2)[None]
+
+
+def test_statistics_see_exposure_polarity_and_orientation():
+    upright = dict(zip(STAT_COLUMNS, image_statistics(digit_like())[0]))
+    rotated = dict(zip(STAT_COLUMNS, image_statistics(digit_like(angle=60))[0]))
+    inverted = dict(zip(STAT_COLUMNS, image_statistics(digit_like(invert=True))[0]))
+    assert abs(upright["orientation"]) < 5
+    assert abs(rotated["orientation"]) > 40
+    assert inverted["brightness"] > 0.8 > 0.2 > upright["brightness"]
+    # Ink is measured against the image's own background, so it is polarity-invariant.
+    assert inverted["ink_fraction"] == pytest.approx(upright["ink_fraction"])
+    assert 0.45 < upright["centroid_x"] < 0.55

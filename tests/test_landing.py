@@ -1,0 +1,128 @@
+import io
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from transforms import warehouse
+from transforms.landing import (
+    LandingFileError,
+    ValidationRules,
+    batch_id_of,
+    check_batch_id,
+    read_landing_file,
+    validate_batch,
+)
+
+WHEN = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def png(value: int, size: int = 16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def landing_frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(
+        rows,
+        schema={"image_id": pl.Utf8, "image": pl.Binary, "label": pl.Int64, "captured_at": pl.Datetime("us", "UTC")},
+    )
+
+
+def good(i: int) -> dict:
+    return {"image_id": f"good-{i}", "image": png(10 + i), "label": i % 10, "captured_at": WHEN}
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_good_rows_kept(tmp_path: Path):
+    rows = [good(i) for i in range(5)] + [
+        {"image_id": None, "image": png(100), "label": 1, "captured_at": WHEN},
+        {"image_id": "  ", "image": png(101), "label": 1, "captured_at": WHEN},
+        {"image_id": "bad id with spaces", "image": png(102), "label": 1, "captured_at": WHEN},
+        {"image_id": "twice", "image": png(103), "label": 1, "captured_at": WHEN},
+        {"image_id": "twice", "image": png(104), "label": 1, "captured_at": WHEN},
+        {"image_id": "label-high", "image": png(105), "label": 10, "captured_at": WHEN},
+        {"image_id": "label-negative", "image": png(106), "label": -1, "captured_at": WHEN},
+        {"image_id": "no-bytes", "image": b"", "label": 1, "captured_at": WHEN},
+        {"image_id": "not-an-image", "image": b"%PDF-1.4 hello", "label": 1, "captured_at": WHEN},
+        {"image_id": "truncated", "image": png(107)[:40], "label": 1, "captured_at": WHEN},
+        {"image_id": "huge", "image": png(108, size=300), "label": 1, "captured_at": WHEN},
+        {"image_id": "copy-of-good-0", "image": png(10), "label": 0, "captured_at": WHEN},
+        {"image_id": "no-time", "image": png(109), "label": 1, "captured_at": None},
+        {"image_id": "unlabeled", "image": png(110), "label": None, "captured_at": WHEN},
+    ]
+    path = tmp_path / "batch-1.parquet"
+    landing_frame(rows).write_parquet(path)
+
+    batch = validate_batch(path, read_landing_file(path), ValidationRules(num_classes=10, max_pixels=256 * 256))
+
+    reasons = dict(zip(batch.quarantined["row_number"], batch.quarantined["reason"]))
+    assert reasons == {
+        6: "missing_image_id", 7: "missing_image_id", 8: "invalid_image_id",
+        9: "duplicate_image_id", 10: "duplicate_image_id",
+        11: "label_out_of_range", 12: "label_out_of_range", 13: "missing_image",
+        14: "undecodable_image", 15: "undecodable_image", 16: "image_too_large",
+        17: "duplicate_content", 18: "missing_captured_at",
+    }
+    assert sorted(batch.images["image_id"]) == sorted([f"good-{i}" for i in range(5)] + ["unlabeled"])
+    message = batch.quarantined.filter(pl.col("row_number") == 11)["message"][0]
+    assert str(path) in message and "row 11" in message and "label-high" in message
+    assert batch.row_count == len(rows)
+
+
+def test_ids_and_contents_already_in_other_batches_are_quarantined(tmp_path: Path):
+    path = tmp_path / "later.parquet"
+    landing_frame([good(0), good(1), good(2)]).write_parquet(path)
+    existing = lambda ids, hashes: ({"good-0"}, set())  # noqa: E731
+    batch = validate_batch(path, read_landing_file(path), ValidationRules(), existing)
+    assert batch.quarantined["reason"].to_list() == ["image_id_exists"]
+
+
+@pytest.mark.parametrize(
+    "write, cause",
+    [
+        (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_text("image_id,image\n1,2\n"), "not a readable parquet"),
+        (lambda p: landing_frame([good(0)]).drop("label").write_parquet(p), "missing required column(s) label"),
+        (lambda p: landing_frame([good(0)]).with_columns(pl.col("label").cast(pl.Utf8)).write_parquet(p), "label is String"),
+    ],
+)
+def test_unreadable_files_fail_with_file_and_cause(tmp_path: Path, write, cause: str):
+    path = tmp_path / "broken.parquet"
+    write(path)
+    with pytest.raises(LandingFileError) as error:
+        read_landing_file(path)
+    assert str(path) in str(error.value) and cause in str(error.value)
+
+
+def test_truncated_parquet_file_fails_with_file_and_cause(tmp_path: Path):
+    path = tmp_path / "cut.parquet"
+    landing_frame([good(i) for i in range(20)]).write_parquet(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(LandingFileError, match="not a readable parquet"):
+        read_landing_file(path)
+
+
+@pytest.mark.parametrize("bad", ["", "../escape", "a/b", "x" * 65, "semi;colon", "dot.ted"])
+def test_batch_ids_outside_the_contract_are_refused(bad: str):
+    with pytest.raises(LandingFileError):
+        check_batch_id(bad)
+
+
+def test_batch_id_comes_from_the_file_name():
+    assert batch_id_of(Path("/x/landing/cam_7-2026.parquet")) == "cam_7-2026"
+
+
+def test_replacing_a_batch_never_duplicates_rows(tmp_path: Path):
+    path = tmp_path / "b1.parquet"
+    landing_frame([good(i) for i in range(4)]).write_parquet(path)
+    batch = validate_batch(path, read_landing_file(path), ValidationRules())
+    with warehouse.connect(tmp_path / "w.duckdb") as connection:
+        first = warehouse.replace_batch(connection, batch)
+        second = warehouse.replace_batch(connection, batch)
+        count = connection.execute("SELECT count(*) FROM raw_images").fetchone()[0]
+    assert (first.images, first.replaced_images) == (4, 0)
+    assert (second.images, second.replaced_images) == (4, 4)
+    assert count == 4

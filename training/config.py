@@ -1,0 +1,63 @@
+"""Typed configuration of a training run: what the `fit` entry point receives as JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ComputeConfig(BaseModel):
+    """Where and how training runs. GPU settings are configuration; the code never assumes one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator: str = Field("auto", description="Lightning accelerator: auto picks cuda when present, else cpu.")
+    devices: int | str = Field("auto", description="Devices per node; processes per node follow it under torchrun.")
+    num_nodes: int = Field(1, ge=1, description="Machines taking part (torchrun --nnodes).")
+    strategy: str = Field("auto", description="Lightning strategy; ddp whenever more than one process runs.")
+    precision: str | None = Field(
+        None,
+        description="None picks per accelerator: 32-true on CPU (bf16 autocast is slower there), "
+        "bf16-mixed on GPUs that support it, else 16-mixed.",
+    )
+    compile: bool = Field(False, description="torch.compile the network (pays off on GPUs, long runs).")
+    num_workers: int = Field(2, ge=1, description="FFCV loader threads per process.")
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: Literal["resnet_small"] = "resnet_small"
+    width: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages double it.")
+    num_classes: int = Field(10, ge=2)
+    resolution: int = Field(32, ge=8, description="Square input size in pixels (H = W).")
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
+    batch_size: int = Field(64, ge=1, description="Per process; the global batch is this times the world size.")
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    seed: int = 0
+
+
+class FitConfig(BaseModel):
+    """Everything `training.fit` needs; written to JSON by the orchestrator, read by every rank."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beton_dir: Path = Field(description="Folder with train.beton and val.beton.")
+    run_dir: Path = Field(description="This training attempt's folder: checkpoints, result.json.")
+    wandb_save_dir: Path = Field(description="W&B writes its runs to <this>/wandb (the data root).")
+    wandb_project: str = "flywheel"
+    run_name: str = "train"
+    tags: dict[str, str] = Field(default_factory=dict, description="Logged to W&B with the config.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    warm_start: Path | None = Field(None, description="safetensors weights to start from (the champion's).")
+    fast_dev_run: bool = False

@@ -1,0 +1,201 @@
+"""The training entry point: `fit(config)` returns its metrics; `python -m training.fit CONFIG.json`
+is what torchrun runs on every rank. Rank 0 reports to Dagster through Pipes when launched by it.
+
+A training attempt lives in `config.run_dir`: checkpoints every epoch (`last.ckpt` included), the
+best weights as safetensors, and `result.json`. Launching the same attempt again resumes from
+`last.ckpt` instead of starting over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from safetensors.torch import save_file
+
+from training.config import ComputeConfig, FitConfig
+from training.data import FFCVDataModule
+from training.model import LitClassifier
+from training.registry import load_weights
+
+WEIGHTS_FILE = "weights.safetensors"
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    weights_path: str
+    best_checkpoint: str
+    val_accuracy: float
+    val_loss: float
+    train_accuracy: float
+    epochs_completed: int
+    global_step: int
+    resumed_from_step: int
+    world_size: int
+    train_seconds: float
+    wandb_run_id: str | None
+    wandb_run_dir: str | None
+    accelerator: str
+    precision: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def resolve_precision(compute: ComputeConfig) -> str:
+    if compute.precision:
+        return compute.precision
+    if compute.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def wandb_mode() -> str:
+    """Offline unless the user gave an API key; an explicit WANDB_MODE always wins."""
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+class EpochReporter(Callback):
+    """Sends one line per epoch to a log function (Dagster's, through Pipes, or stderr)."""
+
+    def __init__(self, log):
+        self.report = log
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
+        self.report(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step}: {metrics}")
+
+
+def _last_checkpoint_step(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
+
+
+def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) -> FitResult:
+    started = time.perf_counter()
+    L.seed_everything(config.optim.seed, workers=True, verbose=False)
+    checkpoint_dir = config.run_dir / "checkpoints"
+    last_checkpoint = checkpoint_dir / "last.ckpt"
+    resumed_from = _last_checkpoint_step(last_checkpoint)
+
+    model = LitClassifier(
+        config.model.model_dump(), config.optim.model_dump(), compile=config.compute.compile
+    )
+    if config.warm_start and not resumed_from:
+        model.net.load_state_dict(load_weights(config.warm_start))
+    datamodule = FFCVDataModule(
+        config.beton_dir, config.optim.batch_size, config.compute.num_workers, config.optim.seed
+    )
+    config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(
+        project=config.wandb_project,
+        name=config.run_name,
+        save_dir=str(config.wandb_save_dir),
+        mode=wandb_mode(),
+        tags=[f"{key}:{value}" for key, value in config.tags.items()],
+        config=json.loads(config.model_dump_json()),
+    )
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor="val/accuracy",
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+        every_n_epochs=1,
+    )
+    precision = resolve_precision(config.compute)
+    trainer = L.Trainer(
+        accelerator=config.compute.accelerator,
+        devices=config.compute.devices,
+        num_nodes=config.compute.num_nodes,
+        strategy=config.compute.strategy,
+        precision=precision,
+        max_epochs=config.optim.epochs,
+        logger=logger,
+        callbacks=[checkpoints, EpochReporter(log)],
+        use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        fast_dev_run=config.fast_dev_run,
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last_checkpoint) if resumed_from else None)
+
+    best = checkpoints.best_model_path or str(last_checkpoint)
+    weights_path = config.run_dir / WEIGHTS_FILE
+    run = logger.experiment if trainer.is_global_zero else None
+    result = FitResult(
+        weights_path=str(weights_path),
+        best_checkpoint=best,
+        val_accuracy=float(checkpoints.best_model_score or trainer.callback_metrics.get("val/accuracy", 0.0)),
+        val_loss=float(trainer.callback_metrics.get("val/loss", float("nan"))),
+        train_accuracy=float(trainer.callback_metrics.get("train/accuracy", float("nan"))),
+        epochs_completed=trainer.current_epoch,
+        global_step=trainer.global_step,
+        resumed_from_step=resumed_from,
+        world_size=trainer.world_size,
+        train_seconds=round(time.perf_counter() - started, 2),
+        wandb_run_id=getattr(run, "id", None),
+        wandb_run_dir=getattr(run, "dir", None),
+        accelerator=str(trainer.strategy.root_device.type),
+        precision=precision,
+    )
+    if trainer.is_global_zero:
+        if not config.fast_dev_run:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            save_file({k.removeprefix("net."): v.contiguous() for k, v in state.items() if k.startswith("net.")}, weights_path)
+        run.summary.update({"best/val_accuracy": result.val_accuracy, "system/platform": platform.platform()})
+        (config.run_dir / RESULT_FILE).write_text(result.to_json())
+        run.finish()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a flywheel classifier on FFCV datasets (run under torchrun).")
+    parser.add_argument("config", type=Path, help="FitConfig as JSON")
+    args = parser.parse_args(argv)
+    config = FitConfig.model_validate_json(args.config.read_text())
+
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if int(os.environ.get("RANK", "0")) == 0 and PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        with open_dagster_pipes() as pipes:
+            result = fit(config, log=pipes.log.info)
+            pipes.report_asset_materialization(
+                metadata={
+                    "val_accuracy": result.val_accuracy,
+                    "val_loss": result.val_loss,
+                    "train_accuracy": result.train_accuracy,
+                    "epochs_completed": result.epochs_completed,
+                    "global_step": result.global_step,
+                    "resumed_from_step": result.resumed_from_step,
+                    "world_size": result.world_size,
+                    "train_seconds": result.train_seconds,
+                    "accelerator": result.accelerator,
+                    "precision": result.precision,
+                    "wandb_run_id": result.wandb_run_id or "",
+                    "weights_path": {"raw_value": result.weights_path, "type": "path"},
+                }
+            )
+    else:
+        fit(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The landing contract: batch ids, reading a landing file, and row-by-row validation done in bulk.
+
+A batch is `landing/<batch_id>.parquet` with `image_id` utf8, `image` binary (PNG/JPEG), `label`
+integer (nullable) and `captured_at` timestamp; other columns ride along as metadata. A file that
+cannot be read at all raises `LandingFileError`; every bad row of a readable file is quarantined
+with a machine-readable reason and a message naming the file, the row and the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from transforms.images import STAT_COLUMNS, ImageRejected, decode_image, image_statistics
+
+BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
+REQUIRED_COLUMNS = ("image_id", "image", "label", "captured_at")
+
+# Machine-readable quarantine reasons, each with the sentence a person reads.
+REASONS = {
+    "missing_image_id": "image_id is null or empty",
+    "invalid_image_id": "image_id must be 1-128 characters of letters, digits and _ . : / -",
+    "duplicate_image_id": "image_id appears more than once in this batch",
+    "image_id_exists": "image_id already belongs to another batch",
+    "label_out_of_range": "label is outside the configured classes",
+    "missing_captured_at": "captured_at is null",
+    "missing_image": "the image bytes are empty",
+    "undecodable_image": "the bytes are not a readable PNG/JPEG image",
+    "unsupported_format": "the image is not PNG or JPEG",
+    "unsupported_mode": "the image mode is not L, RGB, RGBA or P",
+    "image_too_large": "the image has more pixels than the configured limit",
+    "duplicate_content": "the same image bytes already appear under another image_id",
+}
+
+QUARANTINE_SCHEMA = {
+    "batch_id": pl.Utf8,
+    "image_id": pl.Utf8,
+    "row_number": pl.Int64,
+    "reason": pl.Utf8,
+    "message": pl.Utf8,
+}
+
+
+class LandingFileError(Exception):
+    """A landing file that cannot be ingested at all. The message names the file and the cause."""
+
+
+def check_batch_id(batch_id: str) -> str:
+    """Return `batch_id` if it matches the contract; it is then safe in a path and a query."""
+    if not isinstance(batch_id, str) or not BATCH_ID_PATTERN.fullmatch(batch_id):
+        raise LandingFileError(
+            f"batch id {batch_id!r} is not allowed: it must match [A-Za-z0-9_-]{{1,64}}"
+        )
+    return batch_id
+
+
+def batch_id_of(path: Path) -> str:
+    if path.suffix != ".parquet":
+        raise LandingFileError(f"{path}: landing files must end in .parquet")
+    return check_batch_id(path.stem)
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    num_classes: int = 10
+    max_pixels: int = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class ValidatedBatch:
+    batch_id: str
+    images: pl.DataFrame  # one row per accepted image, ready for raw_images
+    quarantined: pl.DataFrame  # QUARANTINE_SCHEMA
+
+    @property
+    def row_count(self) -> int:
+        return self.images.height + self.quarantined.height
+
+
+def read_landing_file(path: Path) -> pl.DataFrame:
+    """Read a landing file and check its columns, or raise LandingFileError naming file and cause."""
+    if not path.is_file():
+        raise LandingFileError(f"{path}: landing file does not exist")
+    if path.stat().st_size == 0:
+        raise LandingFileError(f"{path}: landing file is empty (0 bytes)")
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as error:  # polars raises several types for damaged files
+        raise LandingFileError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    if missing:
+        raise LandingFileError(
+            f"{path}: missing required column(s) {', '.join(missing)}; "
+            f"a landing file needs {', '.join(REQUIRED_COLUMNS)}"
+        )
+    return _conform_types(path, frame)
+
+
+def _conform_types(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
+    schema = frame.schema
+    problems = []
+    casts = []
+    if schema["image_id"] in (pl.Utf8, pl.Null) or isinstance(schema["image_id"], pl.Categorical):
+        casts.append(pl.col("image_id").cast(pl.Utf8))
+    else:
+        problems.append(f"image_id is {schema['image_id']}, expected a string")
+    if schema["image"] in (pl.Binary, pl.Null):
+        casts.append(pl.col("image").cast(pl.Binary))
+    else:
+        problems.append(f"image is {schema['image']}, expected binary")
+    if schema["label"].is_integer() or schema["label"] == pl.Null:
+        casts.append(pl.col("label").cast(pl.Int64))
+    else:
+        problems.append(f"label is {schema['label']}, expected an integer")
+    captured = schema["captured_at"]
+    if isinstance(captured, pl.Datetime):
+        as_utc = (
+            pl.col("captured_at").dt.replace_time_zone("UTC")
+            if captured.time_zone is None
+            else pl.col("captured_at").dt.convert_time_zone("UTC")
+        )
+        casts.append(as_utc.dt.cast_time_unit("us"))
+    elif captured in (pl.Date, pl.Null):
+        casts.append(pl.col("captured_at").cast(pl.Datetime("us", "UTC")))
+    else:
+        problems.append(f"captured_at is {captured}, expected a timestamp")
+    if problems:
+        raise LandingFileError(f"{path}: wrong column type(s): {'; '.join(problems)}")
+    return frame.with_columns(casts)
+
+
+# (image ids, content hashes) of a batch -> those of them that other batches already hold.
+ExistingKeys = Callable[[list[str], list[str]], tuple[set[str], set[str]]]
+
+
+def _nothing_exists(image_ids: list[str], content_hashes: list[str]) -> tuple[set[str], set[str]]:
+    return set(), set()
+
+
+def validate_batch(
+    path: Path, frame: pl.DataFrame, rules: ValidationRules, existing: ExistingKeys = _nothing_exists
+) -> ValidatedBatch:
+    """Split a conformed landing frame into accepted images (decoded, with statistics) and quarantine.
+
+    Each row gets the first reason that applies; checks that need no decoding run in bulk first, so
+    only rows that can still be accepted are decoded. `existing` looks up ids and image contents
+    that earlier batches already hold.
+    """
+    batch_id = batch_id_of(path)
+    extra_columns = [column for column in frame.columns if column not in REQUIRED_COLUMNS]
+    rows = frame.with_row_index("row_number", offset=1).with_columns(
+        pl.col("row_number").cast(pl.Int64),
+        pl.col("image").map_elements(_sha256, return_dtype=pl.Utf8).alias("content_hash"),
+    )
+    ids_in_other_batches, hashes_in_other_batches = existing(
+        rows["image_id"].drop_nulls().to_list(), rows["content_hash"].drop_nulls().to_list()
+    )
+    image_id = pl.col("image_id")
+    reason = (
+        pl.when(image_id.is_null() | (image_id.str.strip_chars() == ""))
+        .then(pl.lit("missing_image_id"))
+        .when(~image_id.str.contains(IMAGE_ID_PATTERN))
+        .then(pl.lit("invalid_image_id"))
+        .when(image_id.is_duplicated())
+        .then(pl.lit("duplicate_image_id"))
+        .when(image_id.is_in(list(ids_in_other_batches)))
+        .then(pl.lit("image_id_exists"))
+        .when(pl.col("label").is_not_null() & ((pl.col("label") < 0) | (pl.col("label") >= rules.num_classes)))
+        .then(pl.lit("label_out_of_range"))
+        .when(pl.col("captured_at").is_null())
+        .then(pl.lit("missing_captured_at"))
+        .when(pl.col("image").is_null() | (pl.col("image").bin.size() == 0))
+        .then(pl.lit("missing_image"))
+        .otherwise(pl.lit(None, dtype=pl.Utf8))
+    )
+    rows = rows.with_columns(reason.alias("reason"), pl.lit(None, dtype=pl.Utf8).alias("detail"))
+
+    # Decode only what passed the cheap checks.
+    candidates = rows.filter(pl.col("reason").is_null())
+    decoded: dict[int, object] = {}
+    decode_failures: dict[int, ImageRejected] = {}
+    for row_number, data in zip(candidates["row_number"], candidates["image"]):
+        try:
+            decoded[row_number] = decode_image(data, rules.max_pixels)
+        except ImageRejected as rejected:
+            decode_failures[row_number] = rejected
+    if decode_failures:
+        failures = pl.DataFrame(
+            {
+                "row_number": list(decode_failures),
+                "decode_reason": [f.reason for f in decode_failures.values()],
+                "decode_detail": [f.message for f in decode_failures.values()],
+            },
+            schema={"row_number": pl.Int64, "decode_reason": pl.Utf8, "decode_detail": pl.Utf8},
+        )
+        rows = (
+            rows.join(failures, on="row_number", how="left")
+            .with_columns(
+                pl.coalesce("reason", "decode_reason").alias("reason"),
+                pl.coalesce("detail", "decode_detail").alias("detail"),
+            )
+            .drop("decode_reason", "decode_detail")
+        )
+
+    # Same bytes under two ids: the first accepted occurrence wins.
+    ok = pl.col("reason").is_null()
+    first_of_content = pl.col("row_number") == pl.col("row_number").filter(ok).min().over("content_hash")
+    rows = rows.with_columns(
+        pl.when(ok & (pl.col("content_hash").is_in(list(hashes_in_other_batches)) | ~first_of_content))
+        .then(pl.lit("duplicate_content"))
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    )
+
+    quarantined = rows.filter(pl.col("reason").is_not_null()).select(
+        pl.lit(batch_id).alias("batch_id"),
+        "image_id",
+        "row_number",
+        "reason",
+        pl.format(
+            "{}: row {} (image_id {}): {}",
+            pl.lit(str(path)),
+            "row_number",
+            pl.col("image_id").fill_null("<null>"),
+            pl.coalesce("detail", pl.col("reason").replace_strict(REASONS, default=pl.col("reason"))),
+        ).alias("message"),
+    )
+    accepted = rows.filter(pl.col("reason").is_null())
+    return ValidatedBatch(
+        batch_id=batch_id,
+        images=_accepted_images(batch_id, accepted, decoded, extra_columns),
+        quarantined=quarantined.cast(QUARANTINE_SCHEMA),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """Content digest of a landing file: a batch is re-ingested only when this changes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _accepted_images(batch_id: str, accepted: pl.DataFrame, decoded: dict, extra_columns: list[str]) -> pl.DataFrame:
+    images = [decoded[row] for row in accepted["row_number"]]
+    stats = np.zeros((len(images), len(STAT_COLUMNS)))
+    # Statistics are vectorised per image shape; a batch usually has one shape.
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        by_shape.setdefault(image.rgb.shape, []).append(position)
+    for positions in by_shape.values():
+        stats[positions] = image_statistics(np.stack([images[p].rgb for p in positions]))
+
+    metadata = (
+        pl.struct([pl.col(c).cast(pl.Utf8, strict=False) for c in extra_columns]).struct.json_encode()
+        if extra_columns
+        else pl.lit(None, dtype=pl.Utf8)
+    )
+    return accepted.select(
+        pl.lit(batch_id).alias("batch_id"),
+        "image_id",
+        "row_number",
+        "label",
+        "captured_at",
+        "image",
+        "content_hash",
+        pl.Series("format", [image.format for image in images], dtype=pl.Utf8),
+        pl.Series("mode", [image.mode for image in images], dtype=pl.Utf8),
+        pl.Series("width", [image.width for image in images], dtype=pl.Int32),
+        pl.Series("height", [image.height for image in images], dtype=pl.Int32),
+        *[pl.Series(name, stats[:, i], dtype=pl.Float64) for i, name in enumerate(STAT_COLUMNS)],
+        metadata.alias("metadata"),
+    )

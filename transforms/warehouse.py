@@ -1,0 +1,173 @@
+"""The DuckDB warehouse: raw tables written by ingestion, and the reads later stages make.
+
+dbt owns every table but `raw_images`, `quarantined_images` and `raw_labels`. DuckDB allows one
+writing process at a time, which the orchestrator guarantees with a concurrency pool of 1.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from transforms.images import STAT_COLUMNS, decode_image, resize_rgb
+from transforms.landing import ValidatedBatch
+
+_STAT_DDL = ",\n    ".join(f"{name} DOUBLE NOT NULL" for name in STAT_COLUMNS)
+SCHEMA_DDL = f"""
+CREATE TABLE IF NOT EXISTS raw_images (
+    batch_id VARCHAR NOT NULL,
+    image_id VARCHAR NOT NULL,
+    row_number BIGINT NOT NULL,
+    label BIGINT,
+    captured_at TIMESTAMPTZ NOT NULL,
+    image BLOB NOT NULL,
+    content_hash VARCHAR NOT NULL,
+    format VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    {_STAT_DDL},
+    metadata VARCHAR,
+    ingested_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantined_images (
+    batch_id VARCHAR NOT NULL,
+    image_id VARCHAR,
+    row_number BIGINT NOT NULL,
+    reason VARCHAR NOT NULL,
+    message VARCHAR NOT NULL,
+    quarantined_at TIMESTAMPTZ NOT NULL
+);
+"""
+
+
+@contextmanager
+def connect(path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if read_only and not path.exists():
+        raise FileNotFoundError(f"warehouse {path} does not exist yet: ingest a batch first")
+    connection = duckdb.connect(str(path), read_only=read_only)
+    try:
+        if not read_only:
+            connection.execute(SCHEMA_DDL)
+        yield connection
+    finally:
+        connection.close()
+
+
+def existing_keys(
+    connection: duckdb.DuckDBPyConnection, batch_id: str, image_ids: list[str], content_hashes: list[str]
+) -> tuple[set[str], set[str]]:
+    """Image ids and content hashes of this batch's rows that other batches already hold."""
+    ids = connection.execute(
+        "SELECT DISTINCT image_id FROM raw_images WHERE batch_id <> $batch AND image_id IN (SELECT unnest($ids))",
+        {"batch": batch_id, "ids": image_ids},
+    ).fetchall()
+    hashes = connection.execute(
+        "SELECT DISTINCT content_hash FROM raw_images WHERE batch_id <> $batch "
+        "AND content_hash IN (SELECT unnest($hashes))",
+        {"batch": batch_id, "hashes": content_hashes},
+    ).fetchall()
+    return {row[0] for row in ids}, {row[0] for row in hashes}
+
+
+@dataclass(frozen=True)
+class LoadCounts:
+    images: int
+    quarantined: int
+    replaced_images: int
+
+
+def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch) -> LoadCounts:
+    """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there."""
+    images = batch.images.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
+    quarantined = batch.quarantined.to_arrow()  # noqa: F841
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        replaced = connection.execute(
+            "SELECT count(*) FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id}
+        ).fetchone()[0]
+        connection.execute("DELETE FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id})
+        connection.execute("DELETE FROM quarantined_images WHERE batch_id = $batch", {"batch": batch.batch_id})
+        connection.execute("INSERT INTO raw_images BY NAME SELECT *, now() AS ingested_at FROM images")
+        connection.execute("INSERT INTO quarantined_images BY NAME SELECT *, now() AS quarantined_at FROM quarantined")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return LoadCounts(batch.images.height, batch.quarantined.height, replaced)
+
+
+@dataclass(frozen=True)
+class Records:
+    """Images decoded and resized to the training resolution, in a stable order (by image_id)."""
+
+    images: np.ndarray  # uint8 [N, R, R, 3]
+    index: pl.DataFrame  # image_id, batch_id, label (nullable) — row i describes images[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index["label"].to_numpy().astype(np.int64)
+
+
+def _decoded(rows: pl.DataFrame, resolution: int) -> Records:
+    images = np.zeros((rows.height, resolution, resolution, 3), dtype=np.uint8)
+    for position, data in enumerate(rows["image"]):
+        # Every stored image passed validation at ingestion, so decoding cannot be refused.
+        images[position] = resize_rgb(decode_image(data, max_pixels=2**62).rgb, resolution)
+    return Records(images, rows.drop("image"))
+
+
+def split_fingerprints(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """A digest per split of exactly what a dataset file holds (ids, labels, image bytes), so a
+    dataset is rewritten only when its inputs changed."""
+    rows = connection.execute(
+        """
+        SELECT e.split, md5(string_agg(e.image_id || ':' || e.label || ':' || r.content_hash, ',' ORDER BY e.image_id))
+        FROM training_examples AS e
+        JOIN raw_images AS r USING (image_id)
+        GROUP BY e.split
+        """
+    ).fetchall()
+    return dict(rows)
+
+
+def split_records(connection: duckdb.DuckDBPyConnection, split: str, resolution: int) -> Records:
+    """One split of `training_examples` (labeled images only)."""
+    rows = connection.execute(
+        """
+        SELECT e.image_id, e.batch_id, e.label, r.image
+        FROM training_examples AS e
+        JOIN raw_images AS r USING (image_id)
+        WHERE e.split = $split
+        ORDER BY e.image_id
+        """,
+        {"split": split},
+    ).pl()
+    return _decoded(rows, resolution)
+
+
+def batch_records(connection: duckdb.DuckDBPyConnection, batch_id: str, resolution: int) -> Records:
+    """Every accepted image of one batch, labeled or not."""
+    rows = connection.execute(
+        "SELECT image_id, batch_id, label, image FROM raw_images WHERE batch_id = $batch ORDER BY image_id",
+        {"batch": batch_id},
+    ).pl()
+    return _decoded(rows, resolution)
+
+
+def image_stats(
+    connection: duckdb.DuckDBPyConnection, batch_ids: list[str], split: str | None = None
+) -> pl.DataFrame:
+    """Per-image statistics (the `batch_image_stats` mart) of some batches, optionally one split."""
+    return connection.execute(
+        "SELECT * FROM batch_image_stats WHERE batch_id IN (SELECT unnest($batches)) "
+        "AND ($split IS NULL OR split = $split) ORDER BY image_id",
+        {"batches": batch_ids, "split": split},
+    ).pl()
