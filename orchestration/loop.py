@@ -106,7 +106,8 @@ def run_tick(
             "champion": result.output_for_node("champion_model"),
         }
         if champion is None:
-            monitor(report.ingested)  # the first champion's view of the batches it was trained on
+            # The first champion's view of every batch there is, so the drift history starts complete.
+            monitor([b for b in report.landed if b not in report.failed])
     after = registry.champion()
     report.champion_after = after.version if after else None
     return report

@@ -33,4 +33,42 @@ def resources_for(root: Path) -> dict:
 
 
 # Small and fast, yet enough to learn the digits: used by every test that trains.
-FAST_TRAINING = {"epochs": 4, "width": 8, "batch_size": 32, "learning_rate": 5e-3}
+FAST_TRAINING = {"epochs": 10, "batch_size": 32}
+
+
+@pytest.fixture(scope="session")
+def digits_splits(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Real digits at 32x32 as FFCV datasets (train/val/test), without the warehouse in between."""
+    import numpy as np
+    from PIL import Image
+
+    from training.data import write_beton
+    from transforms.simulate import digits_pool
+
+    _, images, labels = digits_pool("all")
+    upscaled = np.stack(
+        [np.asarray(Image.fromarray(i, mode="L").resize((32, 32), Image.Resampling.BILINEAR)) for i in images[:600]]
+    )
+    rgb = np.repeat(upscaled[:, :, :, None], 3, axis=3)
+    labels = labels[:600]
+    folder = tmp_path_factory.mktemp("ffcv")
+    cuts = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, 600)}
+    for split, rows in cuts.items():
+        write_beton(folder / f"{split}.beton", rgb[rows], labels[rows])
+    return {"dir": folder, "images": {s: rgb[r] for s, r in cuts.items()}, "labels": {s: labels[r] for s, r in cuts.items()}}
+
+
+@pytest.fixture(scope="session")
+def trained_weights(digits_splits: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small classifier trained in-process once for the tests that need a model."""
+    from training.config import FitConfig, ModelConfig, OptimConfig
+    from training.fit import fit
+
+    root = tmp_path_factory.mktemp("fit")
+    result = fit(
+        FitConfig(
+            beton_dir=digits_splits["dir"], run_dir=root / "run", wandb_save_dir=root,
+            model=ModelConfig(width=32), optim=OptimConfig(epochs=6, batch_size=32),
+        )
+    )
+    return Path(result.weights_path)

@@ -1,0 +1,47 @@
+import numpy as np
+import polars as pl
+
+from orchestration.policy import decide
+from transforms.drift import DriftPolicy, dataset_drift, feature_drift
+
+
+def frame(rng: np.random.Generator, n: int, shift: float = 0.0) -> pl.DataFrame:
+    return pl.DataFrame({"a": rng.normal(shift, 1, n), "b": rng.normal(shift, 1, n), "c": rng.normal(0, 1, n)})
+
+
+def test_same_distribution_is_not_drift_and_a_shift_is():
+    rng = np.random.default_rng(0)
+    reference = frame(rng, 500)
+    assert not dataset_drift(reference, frame(rng, 300), ["a", "b", "c"], DriftPolicy()).dataset_drift
+    shifted = dataset_drift(reference, frame(rng, 300, shift=1.0), ["a", "b", "c"], DriftPolicy())
+    assert shifted.dataset_drift and shifted.drifted_share == 2 / 3
+    assert [f.method for f in shifted.features] == ["ks_p_value"] * 3
+
+
+def test_large_references_use_normalised_wasserstein():
+    rng = np.random.default_rng(1)
+    result = feature_drift("x", rng.normal(0, 1, 5000), rng.normal(0.5, 1, 800), DriftPolicy())
+    assert result.method == "wasserstein_normed" and result.drifted
+    assert 0.4 < result.statistic < 0.6
+
+
+def card(version: str = "v0001", batches=("a",), accuracy: float = 0.98) -> dict:
+    return {"version": version, "lineage": {"training_batches": list(batches)}, "metrics": {"test_accuracy": accuracy}}
+
+
+def report(batch: str, drift: bool = False, accuracy: float | None = None, champion: str = "v0001") -> dict:
+    return {"batch_id": batch, "champion": champion, "dataset_drift": drift, "drifted_share": 0.6 if drift else 0.0, "champion_accuracy": accuracy}
+
+
+def test_policy_retrains_without_a_champion_on_drift_and_on_an_accuracy_drop():
+    assert decide(None, []).retrain
+    assert not decide(card(), [report("b")]).retrain
+    assert decide(card(), [report("b", drift=True)]).retrain
+    assert decide(card(), [report("b", accuracy=0.80)]).retrain
+    assert not decide(card(), [report("b", accuracy=0.95)]).retrain
+    assert decide(card(), [], schedule_due=True).retrain
+
+
+def test_policy_ignores_batches_the_champion_trained_on_and_reports_on_other_champions():
+    assert not decide(card(batches=("a", "b")), [report("b", drift=True)]).retrain
+    assert not decide(card(), [report("b", drift=True, champion="v0000")]).retrain

@@ -1,0 +1,95 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.config import ModelConfig
+from training.evaluate import load_classifier, onnx_session, predict_onnx
+from training.export import ExportGatePolicy, export_candidate, export_gate
+from training.registry import CARD_FILE, Registry, RegistryError
+
+
+@pytest.fixture(scope="module")
+def exported(trained_weights: Path, digits_splits: dict, tmp_path_factory: pytest.TempPathFactory):
+    network = load_classifier(trained_weights, ModelConfig(width=32))
+    folder = tmp_path_factory.mktemp("export")
+    report = export_candidate(
+        network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"],
+        digits_splits["labels"]["test"], folder,
+    )
+    return folder, report
+
+
+def test_onnx_export_matches_torch_and_int8_passes_the_export_gate(exported):
+    _, report = exported
+    assert report.parity_max_abs_diff < 1e-3
+    assert report.accuracy_drop <= 0.01 + 1e-9  # at most one of the 100 test images
+    assert report.size_ratio <= 0.3
+    passed, reasons = export_gate(report, ExportGatePolicy())
+    assert passed, reasons
+
+
+def test_export_gate_fails_when_the_limits_are_not_met(exported):
+    _, report = exported
+    passed, reasons = export_gate(report, ExportGatePolicy(max_size_ratio=0.01))
+    assert not passed and any(r.startswith("FAILED: int8 size") for r in reasons)
+
+
+def test_onnx_takes_any_batch_size(exported):
+    folder, _ = exported
+    session = onnx_session(folder / "model.int8.onnx")
+    for n in (1, 3, 64):
+        assert predict_onnx(session, np.zeros((n, 32, 32, 3), np.uint8)).shape == (n, 10)
+
+
+def staged(registry: Registry, name: str) -> Path:
+    folder = registry.staging_dir(name)
+    for file in ("model.onnx", "model.int8.onnx", "weights.safetensors"):
+        (folder / file).write_bytes(b"x")
+    return folder
+
+
+def test_publish_creates_immutable_numbered_versions(tmp_path: Path):
+    registry = Registry(tmp_path / "registry")
+    first = registry.publish(staged(registry, "a"), {"metrics": {}})
+    second = registry.publish(staged(registry, "b"), {"metrics": {}})
+    assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
+    assert json.loads((second.path / CARD_FILE).read_text())["version"] == "v0002"
+    assert first.path != second.path and not list(registry.root.glob(".staging-*"))
+
+
+def test_publish_refuses_an_incomplete_version(tmp_path: Path):
+    registry = Registry(tmp_path / "registry")
+    folder = registry.staging_dir("partial")
+    (folder / "model.onnx").write_bytes(b"x")
+    with pytest.raises(RegistryError, match="model.int8.onnx is missing"):
+        registry.publish(folder, {})
+    assert registry.versions() == []
+
+
+def test_a_crash_between_publish_and_promote_keeps_the_old_champion(tmp_path: Path):
+    registry = Registry(tmp_path / "registry")
+    v1 = registry.publish(staged(registry, "a"), {})
+    registry.promote(v1.version, "first")
+    registry.publish(staged(registry, "b"), {})  # ... and the process dies before promote()
+    assert registry.champion().version == "v0001"
+    # A pointer write interrupted before its rename leaves only a hidden partial file behind.
+    (registry.root / ".champion.partial").write_text("v0002")
+    assert Registry(registry.root).champion().version == "v0001"
+
+
+def test_promotion_history_and_a_broken_pointer(tmp_path: Path):
+    registry = Registry(tmp_path / "registry")
+    v1 = registry.publish(staged(registry, "a"), {})
+    v2 = registry.publish(staged(registry, "b"), {})
+    registry.promote(v1.version, "first")
+    registry.promote(v2.version, "better")
+    assert [h["champion"] for h in registry.history()] == ["v0001", "v0002"]
+    assert registry.history()[1]["previous"] == "v0001"
+    (registry.root / "champion").write_text("v0099\n")
+    with pytest.raises(RegistryError, match="v0099"):
+        registry.champion()
+    with pytest.raises(RegistryError, match="not a model version"):
+        registry.get(f"..{os.sep}escape")

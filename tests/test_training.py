@@ -1,0 +1,112 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import ComputeConfig, FitConfig, ModelConfig, OptimConfig
+from training.data import read_beton
+from training.evaluate import (
+    GatePolicy,
+    Metrics,
+    classification_metrics,
+    gate_decision,
+    load_classifier,
+    predict_torch,
+)
+from training.fit import fit, resolve_precision
+from training.model import ImageClassifier
+
+
+def test_beton_round_trip_keeps_pixels_and_labels(digits_splits: dict):
+    images, labels = read_beton(digits_splits["dir"] / "test.beton")
+    np.testing.assert_array_equal(images, digits_splits["images"]["test"])
+    np.testing.assert_array_equal(labels, digits_splits["labels"]["test"])
+
+
+def test_network_takes_uint8_nhwc_and_returns_logits():
+    network = ImageClassifier(ModelConfig(width=8, num_classes=7, resolution=16)).eval()
+    logits = network(torch.zeros((3, 16, 16, 3), dtype=torch.uint8))
+    assert logits.shape == (3, 7) and logits.dtype == torch.float32
+
+
+def test_cpu_precision_defaults_to_32_true():
+    assert resolve_precision(ComputeConfig(accelerator="cpu")) == "32-true"
+    assert resolve_precision(ComputeConfig(precision="bf16-mixed")) == "bf16-mixed"
+
+
+def test_trained_model_learns_the_digits(trained_weights: Path, digits_splits: dict):
+    network = load_classifier(trained_weights, ModelConfig(width=32))
+    logits = predict_torch(network, digits_splits["images"]["test"])
+    metrics = classification_metrics(logits, digits_splits["labels"]["test"], 10)
+    assert metrics.accuracy >= 0.9
+    result = json.loads((trained_weights.parent / "result.json").read_text())
+    assert result["epochs_completed"] == 6 and result["world_size"] == 1 and result["precision"] == "32-true"
+    assert result["wandb_run_id"]
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(digits_splits: dict, tmp_path: Path):
+    config = FitConfig(
+        beton_dir=digits_splits["dir"], run_dir=tmp_path / "run", wandb_save_dir=tmp_path,
+        model=ModelConfig(width=8), optim=OptimConfig(epochs=30, batch_size=50),
+        compute=ComputeConfig(num_workers=1),
+    )
+    config_path = tmp_path / "fit.json"
+    config_path.write_text(config.model_dump_json())
+    process = subprocess.Popen([sys.executable, "-m", "training.fit", str(config_path)], stderr=subprocess.DEVNULL)
+    last = config.run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the checkpoint's rename land
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < killed_at < 30 * 8
+    result = fit(config)
+    assert result.resumed_from_step == killed_at
+    assert result.global_step == 30 * 8  # 400 examples / 50 per batch = 8 steps per epoch
+    assert result.val_accuracy > 0.5
+
+
+def metrics(accuracy: float, slices: dict[str, float]) -> Metrics:
+    return Metrics(
+        count=100, accuracy=accuracy, macro_f1=accuracy, ece=0.0,
+        slices={name: {"count": 50, "accuracy": value} for name, value in slices.items()},
+    )
+
+
+def test_gate_lets_a_first_model_through_only_above_the_floor():
+    assert gate_decision(metrics(0.95, {}), None, GatePolicy(absolute_floor=0.9)).passed
+    assert not gate_decision(metrics(0.85, {}), None, GatePolicy(absolute_floor=0.9)).passed
+
+
+def test_gate_blocks_a_worse_candidate():
+    champion = metrics(0.95, {"a": 0.95, "b": 0.95})
+    decision = gate_decision(metrics(0.93, {"a": 0.93, "b": 0.93}), champion, GatePolicy())
+    assert not decision.passed and "overall accuracy" in decision.reasons[0]
+
+
+def test_gate_blocks_a_slice_regression_beyond_the_margin_only():
+    champion = metrics(0.90, {"old": 0.95, "new": 0.85})
+    slight = gate_decision(metrics(0.92, {"old": 0.94, "new": 0.90}), champion, GatePolicy(slice_margin=0.02))
+    heavy = gate_decision(metrics(0.92, {"old": 0.90, "new": 0.94}), champion, GatePolicy(slice_margin=0.02))
+    assert slight.passed
+    assert not heavy.passed and any("slice old" in r for r in heavy.reasons)
+
+
+def test_metrics_per_class_confusion_and_slices():
+    logits = np.eye(3)[[0, 1, 2, 2]] * 5.0
+    labels = np.array([0, 1, 2, 1])
+    result = classification_metrics(logits, labels, 3, slices=np.array(["x", "x", "y", "y"]))
+    assert result.accuracy == pytest.approx(0.75)
+    assert result.confusion == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+    assert result.slices == {"x": {"count": 2, "accuracy": 1.0}, "y": {"count": 2, "accuracy": 0.5}}
+    assert result.per_class[1] == {"class": 1, "precision": 1.0, "recall": 0.5, "support": 2}
