@@ -5,19 +5,21 @@ import dagster as dg
 from orchestration.assets.datasets import ffcv_datasets
 from orchestration.assets.deployment import champion_model, exported_model
 from orchestration.assets.evaluation import model_evaluation
-from orchestration.assets.ingestion import ingest_batch
+from orchestration.assets.ingestion import ingest_batch, raw_labels
 from orchestration.assets.monitoring import drift_report
 from orchestration.assets.training import trained_model
 from orchestration.assets.transformation import dbt_models, dbt_resource
 from orchestration.io_manager import JsonIOManager
-from orchestration.jobs import ingest_job, monitor_job, retrain_job, transform_job
+from orchestration.jobs import ingest_job, labels_job, monitor_job, retrain_job, transform_job
 from orchestration.resources import FlywheelHome, TrainingCompute
+from orchestration.sensors import landing_sensor
 
 flywheel = FlywheelHome()
 
 defs = dg.Definitions(
     assets=[
         ingest_batch,
+        raw_labels,
         dbt_models,
         ffcv_datasets,
         trained_model,
@@ -26,7 +28,8 @@ defs = dg.Definitions(
         champion_model,
         drift_report,
     ],
-    jobs=[ingest_job, transform_job, retrain_job, monitor_job],
+    jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job],
+    sensors=[landing_sensor],
     resources={
         "flywheel": flywheel,
         "compute": TrainingCompute(),

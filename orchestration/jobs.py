@@ -12,6 +12,12 @@ ingest_job = dg.define_asset_job(
     description="Validate one landed batch and load it into the warehouse (bad rows to quarantine).",
 )
 
+labels_job = dg.define_asset_job(
+    "load_labels",
+    selection=dg.AssetSelection.assets("raw_labels"),
+    description="Load late label files (landing/labels/*.parquet) into the warehouse.",
+)
+
 transform_job = dg.define_asset_job(
     "transform",
     selection=dg.AssetSelection.assets(dbt_models),

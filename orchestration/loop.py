@@ -9,6 +9,7 @@ import dagster as dg
 from orchestration.policy import RetrainingDecision, decide
 from orchestration.resources import FlywheelHome
 from training.registry import Registry
+from transforms.labels import label_files_signature
 from transforms.landing import LandingFileError, batch_id_of, file_sha256
 
 
@@ -42,14 +43,16 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-def _ingested_digest(instance: dg.DagsterInstance, batch_id: str) -> str | None:
+def _last_metadata(instance: dg.DagsterInstance, asset: str, entry: str, partition: str | None = None):
+    """A metadata value of the asset's latest materialization (of one partition), or None."""
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_images"), asset_partitions=[batch_id]), limit=1
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
     ).records
     if not records:
         return None
-    entry = records[0].asset_materialization.metadata.get("file_sha256")
-    return entry.value if entry else None
+    value = records[0].asset_materialization.metadata.get(entry)
+    return value.value if value else None
 
 
 def run_tick(
@@ -66,7 +69,10 @@ def run_tick(
         except LandingFileError as error:
             report.failed[path.name] = str(error)
     instance.add_dynamic_partitions("batches", report.landed)
-    new = [b for b in report.landed if _ingested_digest(instance, b) != file_sha256(flywheel.landing_file(b))]
+    new = [
+        b for b in report.landed
+        if _last_metadata(instance, "raw_images", "file_sha256", b) != file_sha256(flywheel.landing_file(b))
+    ]
 
     ingest = defs.resolve_job_def("ingest")
     for batch_id in new:
@@ -77,7 +83,13 @@ def run_tick(
         else:
             report.failed[batch_id] = failure_message(result)
             log(f"batch {batch_id} was not ingested: {report.failed[batch_id]}")
-    if report.ingested:
+    labels_changed = label_files_signature(flywheel.labels) != (_last_metadata(instance, "raw_labels", "files_signature") or "")
+    if labels_changed:
+        log("loading late labels")
+        result = defs.resolve_job_def("load_labels").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
+        if not result.success:
+            raise TickFailed(f"loading labels failed (run {result.run_id}): {failure_message(result)}")
+    if report.ingested or labels_changed:
         log("transforming with dbt")
         result = defs.resolve_job_def("transform").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
         if not result.success:

@@ -22,7 +22,7 @@ def _images_of(path: Path, resolution: int) -> tuple[list[str], list[np.ndarray]
             decoded = decode_image(path.read_bytes(), MAX_PIXELS)
         except (OSError, ImageRejected) as error:
             return [], [], [f"{path}: {error}"]
-        return [path.stem], [resize_rgb(decoded.rgb, resolution)], []
+        return [path.stem], [resize_rgb(decoded.pixels, resolution)], []
     if path.suffix.lower() != ".parquet":
         return [], [], [f"{path}: not a .parquet, .png or .jpg file"]
     try:
@@ -32,7 +32,7 @@ def _images_of(path: Path, resolution: int) -> tuple[list[str], list[np.ndarray]
     ids, images, problems = [], [], []
     for row, (image_id, data) in enumerate(zip(frame["image_id"], frame["image"]), start=1):
         try:
-            images.append(resize_rgb(decode_image(data, MAX_PIXELS).rgb, resolution))
+            images.append(resize_rgb(decode_image(data, MAX_PIXELS).pixels, resolution))
             ids.append(image_id or f"{path.stem}:row{row}")
         except ImageRejected as error:
             problems.append(f"{path}: row {row} (image_id {image_id!r}): {error.message}")

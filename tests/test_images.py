@@ -19,7 +19,8 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 def test_decodes_every_supported_mode_and_format_to_rgb(mode: str, fmt: str):
     image = Image.new(mode, (13, 7), color=200 if mode in ("L", "P") else (200, 100, 50, 255)[: len(mode)])
     decoded = decode_image(encode(image, fmt), max_pixels=10_000)
-    assert decoded.rgb.shape == (7, 13, 3) and decoded.rgb.dtype == np.uint8
+    assert decoded.pixels.shape == (7, 13, 3) and decoded.pixels.dtype == np.uint8
+    assert decode_image(encode(image, fmt), max_pixels=10_000, to="L").pixels.shape == (7, 13)
     assert (decoded.format, decoded.mode, decoded.width, decoded.height) == (fmt, mode, 13, 7)
 
 
@@ -50,8 +51,7 @@ def digit_like(angle: float = 0.0, invert: bool = False) -> np.ndarray:
     image.paste(255, (14, 6, 18, 26))  # a vertical stroke
     image = image.rotate(angle, resample=Image.Resampling.BILINEAR)
     pixels = np.asarray(image)
-    pixels = 255 - pixels if invert else pixels
-    return np.repeat(pixels[:, :, None], 3, axis=2)[None]
+    return (255 - pixels if invert else pixels)[None]
 
 
 def test_statistics_see_exposure_polarity_and_orientation():

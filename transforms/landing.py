@@ -188,7 +188,7 @@ def validate_batch(
     decode_failures: dict[int, ImageRejected] = {}
     for row_number, data in zip(candidates["row_number"], candidates["image"]):
         try:
-            decoded[row_number] = decode_image(data, rules.max_pixels)
+            decoded[row_number] = decode_image(data, rules.max_pixels, to="L")
         except ImageRejected as rejected:
             decode_failures[row_number] = rejected
     if decode_failures:
@@ -259,9 +259,9 @@ def _accepted_images(batch_id: str, accepted: pl.DataFrame, decoded: dict, extra
     # Statistics are vectorised per image shape; a batch usually has one shape.
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for position, image in enumerate(images):
-        by_shape.setdefault(image.rgb.shape, []).append(position)
+        by_shape.setdefault(image.pixels.shape, []).append(position)
     for positions in by_shape.values():
-        stats[positions] = image_statistics(np.stack([images[p].rgb for p in positions]))
+        stats[positions] = image_statistics(np.stack([images[p].pixels for p in positions]))
 
     metadata = (
         pl.struct([pl.col(c).cast(pl.Utf8, strict=False) for c in extra_columns]).struct.json_encode()

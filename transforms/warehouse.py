@@ -14,8 +14,10 @@ from typing import Iterator
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from transforms.images import STAT_COLUMNS, decode_image, resize_rgb
+from transforms.labels import LabelSet
 from transforms.landing import ValidatedBatch
 
 _STAT_DDL = ",\n    ".join(f"{name} DOUBLE NOT NULL" for name in STAT_COLUMNS)
@@ -35,6 +37,12 @@ CREATE TABLE IF NOT EXISTS raw_images (
     {_STAT_DDL},
     metadata VARCHAR,
     ingested_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS raw_labels (
+    image_id VARCHAR NOT NULL,
+    label BIGINT NOT NULL,
+    label_file VARCHAR NOT NULL,
+    labeled_at TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantined_images (
     batch_id VARCHAR NOT NULL,
@@ -65,14 +73,16 @@ def existing_keys(
     connection: duckdb.DuckDBPyConnection, batch_id: str, image_ids: list[str], content_hashes: list[str]
 ) -> tuple[set[str], set[str]]:
     """Image ids and content hashes of this batch's rows that other batches already hold."""
+    # Joined as Arrow tables: DuckDB converts a Python list parameter value by value, slowly.
+    candidate_ids = pa.table({"image_id": pa.array(image_ids, pa.string())})  # noqa: F841 - replacement scan
+    candidate_hashes = pa.table({"content_hash": pa.array(content_hashes, pa.string())})  # noqa: F841
     ids = connection.execute(
-        "SELECT DISTINCT image_id FROM raw_images WHERE batch_id <> $batch AND image_id IN (SELECT unnest($ids))",
-        {"batch": batch_id, "ids": image_ids},
+        "SELECT DISTINCT image_id FROM raw_images JOIN candidate_ids USING (image_id) WHERE batch_id <> $batch",
+        {"batch": batch_id},
     ).fetchall()
     hashes = connection.execute(
-        "SELECT DISTINCT content_hash FROM raw_images WHERE batch_id <> $batch "
-        "AND content_hash IN (SELECT unnest($hashes))",
-        {"batch": batch_id, "hashes": content_hashes},
+        "SELECT DISTINCT content_hash FROM raw_images JOIN candidate_hashes USING (content_hash) WHERE batch_id <> $batch",
+        {"batch": batch_id},
     ).fetchall()
     return {row[0] for row in ids}, {row[0] for row in hashes}
 
@@ -104,6 +114,23 @@ def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch) 
     return LoadCounts(batch.images.height, batch.quarantined.height, replaced)
 
 
+def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> int:
+    """Replace `raw_labels` (and the label files' quarantine rows) in one transaction."""
+    rows = labels.labels.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
+    quarantined = labels.quarantined.to_arrow()  # noqa: F841
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        connection.execute("DELETE FROM raw_labels")
+        connection.execute("DELETE FROM quarantined_images WHERE batch_id LIKE 'labels/%'")
+        connection.execute("INSERT INTO raw_labels BY NAME SELECT * FROM rows")
+        connection.execute("INSERT INTO quarantined_images BY NAME SELECT *, now() AS quarantined_at FROM quarantined")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return labels.labels.height
+
+
 @dataclass(frozen=True)
 class Records:
     """Images decoded and resized to the training resolution, in a stable order (by image_id)."""
@@ -120,7 +147,7 @@ def _decoded(rows: pl.DataFrame, resolution: int) -> Records:
     images = np.zeros((rows.height, resolution, resolution, 3), dtype=np.uint8)
     for position, data in enumerate(rows["image"]):
         # Every stored image passed validation at ingestion, so decoding cannot be refused.
-        images[position] = resize_rgb(decode_image(data, max_pixels=2**62).rgb, resolution)
+        images[position] = resize_rgb(decode_image(data, max_pixels=2**62).pixels, resolution)
     return Records(images, rows.drop("image"))
 
 

@@ -18,3 +18,14 @@ from expected
 left join counts using (split)
 where coalesce(counts.row_count, 0) < {{ var('min_rows_per_split') }}
 {% endtest %}
+
+{% test every_class_in_split(model, split) %}
+-- Every class has at least one labeled example in the split (a model cannot learn a class it never saw).
+with classes as (
+    select unnest(range({{ var('num_classes') }})) as label
+)
+select classes.label
+from classes
+left join (select distinct label from {{ model }} where split = '{{ split }}') as present using (label)
+where present.label is null
+{% endtest %}

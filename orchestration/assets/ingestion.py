@@ -7,6 +7,7 @@ from orchestration.metadata import markdown_table
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
 from transforms import warehouse
+from transforms.labels import label_files_signature, read_label_files
 from transforms.landing import LandingFileError, file_sha256, ValidationRules, read_landing_file, validate_batch
 
 
@@ -34,8 +35,8 @@ class IngestConfig(dg.Config):
 )
 def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywheel: FlywheelHome):
     batch_id = context.partition_key
-    path = flywheel.landing_file(batch_id)
     try:
+        path = flywheel.landing_file(batch_id)
         frame = read_landing_file(path)
     except LandingFileError as error:
         # The file is unusable as a whole: fail this partition only, touching nothing stored.
@@ -71,4 +72,30 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
             "dagster/row_count": counts.quarantined,
             "reasons": dg.MetadataValue.json(dict(zip(reasons["reason"], reasons["len"]))),
         },
+    )
+
+
+@dg.asset(
+    description="Late labels from landing/labels/*.parquet (image_id, label); the most recently written "
+    "file wins for an image. Bad rows go to quarantined_images under batch id labels/<file>.",
+    group_name="ingestion",
+    kinds={"polars", "duckdb"},
+    pool="warehouse",
+)
+def raw_labels(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.MaterializeResult:
+    signature = label_files_signature(flywheel.labels)
+    label_set = read_label_files(flywheel.labels, flywheel.num_classes)
+    with warehouse.connect(flywheel.warehouse) as connection:
+        stored = warehouse.replace_labels(connection, label_set)
+    for message in label_set.quarantined["message"].head(20):
+        context.log.warning(message)
+    return dg.MaterializeResult(
+        metadata={
+            "label_files": label_set.files,
+            "labeled_images": stored,
+            "quarantined_rows": label_set.quarantined.height,
+            "dagster/row_count": stored,
+            "folder": dg.MetadataValue.path(str(flywheel.labels)),
+            "files_signature": signature,
+        }
     )

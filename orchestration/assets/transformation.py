@@ -41,6 +41,10 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str:
         return "transformation"
 
+    def get_automation_condition(self, dbt_resource_props: Mapping[str, Any]) -> dg.AutomationCondition:
+        # Under the daemon, models rebuild as soon as ingestion lands new rows or labels.
+        return dg.AutomationCondition.eager()
+
 
 @dbt_assets(
     manifest=dbt_project().manifest_path,

@@ -1,5 +1,14 @@
 -- Per-image statistics keyed by batch: the distributions drift monitoring compares.
--- Unlabeled images are included: drift needs no labels.
+-- Unlabeled images are included: drift needs no labels. Incremental like int_images.
+{{
+    config(
+        materialized='incremental',
+        unique_key='image_id',
+        incremental_strategy='delete+insert',
+        post_hook="delete from {{ this }} where image_id not in (select image_id from {{ ref('int_images') }})",
+    )
+}}
+
 select
     batch_id,
     image_id,
@@ -12,5 +21,9 @@ select
     edge_strength,
     centroid_x,
     centroid_y,
-    orientation
+    orientation,
+    transformed_at
 from {{ ref('int_images') }}
+{% if is_incremental() %}
+where transformed_at > (select coalesce(max(transformed_at), '-infinity'::timestamptz) from {{ this }})
+{% endif %}
