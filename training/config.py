@@ -31,6 +31,7 @@ class ModelConfig(BaseModel):
 
     backbone: Literal["resnet_small"] = "resnet_small"
     width: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages double it.")
+    blocks_per_stage: int = Field(1, ge=1, description="Residual blocks in each of the three stages (1: ResNet-8).")
     num_classes: int = Field(10, ge=2)
     resolution: int = Field(32, ge=8, description="Square input size in pixels (H = W).")
 
@@ -40,7 +41,9 @@ class OptimConfig(BaseModel):
 
     epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
     batch_size: int = Field(64, ge=1, description="Per process; the global batch is this times the world size.")
-    learning_rate: float = Field(3e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="Learning-rate schedule, stepped per batch.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(5e-4, ge=0)
     seed: int = 0
 
@@ -61,3 +64,6 @@ class FitConfig(BaseModel):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     warm_start: Path | None = Field(None, description="safetensors weights to start from (the champion's).")
     fast_dev_run: bool = False
+    audit_examples: bool = Field(
+        False, description="Each rank writes a digest of every image of its first epoch to run_dir/audit/ (data-sharding checks)."
+    )

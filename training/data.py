@@ -1,8 +1,9 @@
 """FFCV datasets: the `.beton` schema, writing one split, and the loaders training and evaluation use.
 
 Schema (one place, as FFCV's own examples keep it):
-    image  RGBImageField, raw uint8 pixels at the training resolution (no JPEG: tiny images decode
-           faster raw and lose nothing; bench/loader.py measures the choice)
+    image  RGBImageField, raw uint8 pixels at the training resolution. Measured by bench/loader.py
+           on 32x32 digits: raw loads ~7x faster than jpg and ~5x faster than proportion, for 2x the
+           bytes of jpg, and loses nothing; at this size the file is small either way.
     label  IntField
 """
 

@@ -9,6 +9,7 @@ best weights as safetensors, and `result.json`. Launching the same attempt again
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -79,6 +80,25 @@ class EpochReporter(Callback):
         self.report(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step}: {metrics}")
 
 
+class ExampleAudit(Callback):
+    """Writes, per rank, a digest of every training image of the first epoch: proof of how the data
+    was sharded across processes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.digests: list[str] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 0:
+            images = batch[0].cpu().numpy()
+            self.digests += [hashlib.sha1(image.tobytes()).hexdigest() for image in images]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.digests))
+
+
 def _last_checkpoint_step(path: Path) -> int:
     if not path.exists():
         return 0
@@ -128,7 +148,7 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
         precision=precision,
         max_epochs=config.optim.epochs,
         logger=logger,
-        callbacks=[checkpoints, EpochReporter(log)],
+        callbacks=[checkpoints, EpochReporter(log)] + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []),
         use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,

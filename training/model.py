@@ -42,11 +42,12 @@ class ImageClassifier(nn.Module):
         super().__init__()
         width = config.width
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.stages = nn.Sequential(
-            BasicBlock(width, width, 1),
-            BasicBlock(width, 2 * width, 2),
-            BasicBlock(2 * width, 4 * width, 2),
-        )
+        blocks, channels = [], width
+        for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
+            for block in range(config.blocks_per_stage):
+                blocks.append(BasicBlock(channels, out_channels, stride=2 if stage > 0 and block == 0 else 1))
+                channels = out_channels
+        self.stages = nn.Sequential(*blocks)
         self.head = nn.Linear(4 * width, config.num_classes)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,11 +93,19 @@ class LitClassifier(L.LightningModule):
         self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.optim_config.learning_rate, weight_decay=self.optim_config.weight_decay
-        )
-        total_steps = self.trainer.estimated_stepping_batches
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.optim_config.learning_rate, total_steps=max(1, int(total_steps))
+        config = self.optim_config
+        if config.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=config.learning_rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        if config.schedule == "constant":
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = (
+            torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total_steps)
+            if config.schedule == "onecycle"
+            else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
