@@ -76,6 +76,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from training.registry import Registry
+
+    registry = Registry(_flywheel().registry)
+    before = registry.champion()
+    after = registry.rollback(to=args.to)
+    print(f"champion: {before.version if before else 'none'} -> {after.version}")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from orchestration.summary import print_status
 
@@ -111,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", help="landing-format .parquet files or .png/.jpg images")
     predict.add_argument("--output", required=True, help="predictions file: .parquet or .csv")
     predict.set_defaults(handler=cmd_predict)
+
+    rollback = commands.add_parser("rollback", help="make the previous champion (or --to VERSION) the champion again")
+    rollback.add_argument("--to", help="the version to restore, e.g. v0003 (default: the one the champion replaced)")
+    rollback.set_defaults(handler=cmd_rollback)
 
     status = commands.add_parser("status", help="the champion, its lineage, the versions and the drift history")
     status.set_defaults(handler=cmd_status)

@@ -110,13 +110,12 @@ def run_tick(
     if report.decision.retrain:
         log(f"retraining: {'; '.join(report.decision.reasons)}")
         result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
-        if not result.success:
+        failed_gates = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+        if not result.success and not failed_gates:
             raise TickFailed(f"retraining failed (run {result.run_id}): {failure_message(result)}")
-        report.candidate = {
-            "evaluation": result.output_for_node("model_evaluation"),
-            "export": result.output_for_node("exported_model"),
-            "champion": result.output_for_node("champion_model"),
-        }
+        report.candidate = {"evaluation": result.output_for_node("model_evaluation"), "failed_gates": failed_gates}
+        if "evaluation_gate" not in failed_gates:
+            report.candidate["export"] = result.output_for_node("exported_model")
         if champion is None:
             # The first champion's view of every batch there is, so the drift history starts complete.
             monitor([b for b in report.landed if b not in report.failed])

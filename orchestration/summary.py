@@ -60,18 +60,18 @@ def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
     if report.decision:
         print(f"retraining: {'yes — ' + '; '.join(report.decision.reasons) if report.decision.retrain else 'not needed'}")
     if report.candidate:
-        gate = report.candidate["evaluation"]["gate"]
-        export = report.candidate["export"]
-        print(f"candidate {export['version']}: evaluation gate {'passed' if gate['passed'] else 'FAILED'}, "
-              f"export gate {'passed' if export['export_gate']['passed'] else 'FAILED'}")
-        for reason in gate["reasons"] + export["export_gate"]["reasons"]:
+        evaluation, export = report.candidate["evaluation"], report.candidate.get("export")
+        name = export["version"] if export else "the candidate"
+        gates = ", ".join(f"{gate} FAILED" for gate in report.candidate["failed_gates"]) or "every gate passed"
+        print(f"candidate {name}: {gates}")
+        for reason in evaluation["gate"]["reasons"] + (export["export_gate"]["reasons"] if export else []):
             print(f"  - {reason}")
-        # Before/after on each batch the loop just reacted to: champion then vs the candidate now.
-        slices = report.candidate["evaluation"]["candidate"]["slices"]
+        # Before/after on each batch the loop just reacted to: the champion then vs the candidate now.
+        slices = evaluation["candidate"]["slices"]
         for batch, drift in report.drift.items():
             if drift["champion_accuracy"] is not None and batch in slices and drift["champion"] == report.champion_before:
                 print(f"  batch {batch}: {drift['champion']} accuracy {drift['champion_accuracy']:.3f} (whole batch) -> "
-                      f"{export['version']} {slices[batch]['accuracy']:.3f} (its {slices[batch]['count']} test images)")
+                      f"candidate {slices[batch]['accuracy']:.3f} (its {slices[batch]['count']} test images)")
     if report.champion_before != report.champion_after:
         print(f"champion: {report.champion_before or 'none'} -> {report.champion_after}")
     for line in champion_lines(flywheel):

@@ -108,3 +108,10 @@ def test_status_shows_the_champion(champion: Path, capsys):
     assert run_cli("status") == 0
     out = capsys.readouterr().out
     assert "champion: v0001" in out and "versions:" in out
+
+
+def test_rollback_command(champion: Path, capsys):
+    assert run_cli("rollback") == 2
+    assert "replaced no earlier champion" in capsys.readouterr().err
+    assert run_cli("rollback", "--to", "v0042") == 2
+    assert "v0042 is not in the registry" in capsys.readouterr().err

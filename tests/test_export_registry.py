@@ -93,3 +93,19 @@ def test_promotion_history_and_a_broken_pointer(tmp_path: Path):
         registry.champion()
     with pytest.raises(RegistryError, match="not a model version"):
         registry.get(f"..{os.sep}escape")
+
+
+def test_rollback_restores_the_champion_it_replaced(tmp_path: Path):
+    registry = Registry(tmp_path / "registry")
+    for name in "abc":
+        registry.promote(registry.publish(staged(registry, name), {}).version, "better")
+    assert registry.champion().version == "v0003"
+    assert registry.rollback().version == "v0002"
+    assert registry.rollback(to="v0001").version == "v0001"
+    assert [h["champion"] for h in registry.history()] == ["v0001", "v0002", "v0003", "v0002", "v0001"]
+    fresh = Registry(tmp_path / "other")
+    with pytest.raises(RegistryError, match="there is no champion"):
+        fresh.rollback()
+    with pytest.raises(RegistryError, match="replaced no earlier champion"):
+        fresh.promote(fresh.publish(staged(fresh, "x"), {}).version, "first")
+        fresh.rollback()

@@ -8,6 +8,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from orchestration.checks import evaluation_gate, export_gate
 from orchestration.definitions import defs
 from tests.conftest import FAST_TRAINING, resources_for
 from training.evaluate import onnx_session, predict_onnx
@@ -52,13 +53,15 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     checks = transform.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
 
+    retrain = assets("ffcv_datasets", "trained_model", "model_evaluation", "exported_model", "champion_model")
     loop = dg.materialize(
-        assets("ffcv_datasets", "trained_model", "model_evaluation", "exported_model", "champion_model"),
+        [*retrain, evaluation_gate, export_gate],
         resources=resources,
         instance=instance,
         run_config={"ops": {"trained_model": {"config": FAST_TRAINING}}},
     )
     assert loop.success
+    assert {c.check_name: c.passed for c in loop.get_asset_check_evaluations()} == {"evaluation_gate": True, "export_gate": True}
     trained = loop.output_for_node("trained_model")
     assert trained["epochs_completed"] == FAST_TRAINING["epochs"]
     assert trained["training_batches"] == batches
@@ -94,3 +97,21 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     assert report["champion_accuracy"] > 0.8
     stored = json.loads((home / "values" / "drift_report" / f"{batches[0]}.json").read_text())
     assert stored["batch_id"] == batches[0]
+
+    # A deliberately worse candidate: the blocking evaluation gate stops it before export, and the
+    # champion stays.
+    worse = dg.materialize(
+        [*retrain, evaluation_gate, export_gate],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"trained_model": {"config": {"epochs": 1, "width": 4, "learning_rate": 1e-4}}}},
+        raise_on_error=False,
+    )
+    assert not worse.success
+    gates = {c.check_name: c.passed for c in worse.get_asset_check_evaluations()}
+    assert gates == {"evaluation_gate": False}
+    evaluation = worse.output_for_node("model_evaluation")
+    assert evaluation["champion_version"] == "v0001"
+    assert evaluation["candidate"]["accuracy"] < evaluation["champion"]["accuracy"]
+    assert not evaluation["gate"]["passed"]
+    assert registry.champion().version == "v0001" and [v.version for v in registry.versions()] == ["v0001"]

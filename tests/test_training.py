@@ -108,5 +108,8 @@ def test_metrics_per_class_confusion_and_slices():
     result = classification_metrics(logits, labels, 3, slices=np.array(["x", "x", "y", "y"]))
     assert result.accuracy == pytest.approx(0.75)
     assert result.confusion == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
-    assert result.slices == {"x": {"count": 2, "accuracy": 1.0}, "y": {"count": 2, "accuracy": 0.5}}
+    assert {name: (m["count"], m["accuracy"], round(m["macro_f1"], 4)) for name, m in result.slices.items()} == {
+        "x": (2, 1.0, 1.0), "y": (2, 0.5, 0.3333),
+    }
+    assert result.slices["x"]["ece"] < result.slices["y"]["ece"]
     assert result.per_class[1] == {"class": 1, "precision": 1.0, "recall": 0.5, "support": 2}

@@ -3,6 +3,7 @@ the confusion-matrix plot, and the promotion gate."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def predict_onnx(session: ort.InferenceSession, images: np.ndarray, batch_size: 
     return np.concatenate(outputs)
 
 
+def onnx_latency_ms(session: ort.InferenceSession, images: np.ndarray, batch_size: int, runs: int = 20) -> float:
+    """Median wall time of one `session.run` on a batch of `batch_size` images, after a warm-up run."""
+    batch = np.resize(images, (batch_size, *images.shape[1:]))
+    session.run(["logits"], {"image": batch})
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(["logits"], {"image": batch})
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings) * 1000)
+
+
 @dataclass(frozen=True)
 class Metrics:
     count: int
@@ -69,14 +82,13 @@ def classification_metrics(
     if slices is not None:
         for name in sorted(set(slices.tolist())):
             member = slices == name
-            slice_metrics[str(name)] = {
-                "count": int(member.sum()),
-                "accuracy": float((predictions[member] == labels[member]).mean()),
-            }
+            part = classification_metrics(logits[member], labels[member], num_classes)
+            slice_metrics[str(name)] = {"count": part.count, "accuracy": part.accuracy, "macro_f1": part.macro_f1, "ece": part.ece}
     return Metrics(
         count=int(len(labels)),
         accuracy=float((predictions == labels).mean()),
-        macro_f1=float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        # Over the classes present (in labels or predictions), so a slice is not scored on classes it lacks.
+        macro_f1=float(f1_score(labels, predictions, average="macro", zero_division=0)),
         ece=float(
             multiclass_calibration_error(probabilities, torch.from_numpy(labels), num_classes=num_classes, n_bins=10)
         ),

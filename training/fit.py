@@ -28,6 +28,7 @@ from training.config import ComputeConfig, FitConfig
 from training.data import FFCVDataModule
 from training.model import LitClassifier
 from training.registry import load_weights
+from training.tracking import wandb_mode
 
 WEIGHTS_FILE = "weights.safetensors"
 RESULT_FILE = "result.json"
@@ -60,11 +61,6 @@ def resolve_precision(compute: ComputeConfig) -> str:
     if compute.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
-
-
-def wandb_mode() -> str:
-    """Offline unless the user gave an API key; an explicit WANDB_MODE always wins."""
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
 class EpochReporter(Callback):

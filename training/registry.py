@@ -127,6 +127,18 @@ class Registry:
             history.write(json.dumps({"champion": version, "previous": previous.version if previous else None, "reason": reason}) + "\n")
         return model
 
+    def rollback(self, to: str | None = None) -> ModelVersion:
+        """Make `to`, or else the champion the current one replaced, the champion again."""
+        current = self.champion()
+        if to is None:
+            if current is None:
+                raise RegistryError("there is no champion to roll back from")
+            replaced = [h["previous"] for h in self.history() if h["champion"] == current.version and h["previous"]]
+            if not replaced:
+                raise RegistryError(f"{current.version} replaced no earlier champion: there is nothing to roll back to")
+            to = replaced[-1]
+        return self.promote(to, reason=f"rollback from {current.version if current else 'none'}")
+
     def history(self) -> list[dict]:
         path = self.root / HISTORY_FILE
         if not path.exists():

@@ -2,19 +2,22 @@
 to champion only when the evaluation gate and the export gate both passed."""
 
 import shutil
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 from pydantic import Field
 
-from orchestration.metadata import code_version
+from orchestration.metadata import code_version, markdown_table
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
 from training.data import read_beton
 from training.evaluate import TestSet, load_classifier
 from training.export import ExportGatePolicy, export_candidate, export_gate
 from training.registry import WEIGHTS_FILE, Registry
+from training.tracking import log_model_artifact
 
 
 class ExportConfig(dg.Config):
@@ -45,7 +48,9 @@ def exported_model(
 
     registry = Registry(flywheel.registry)
     staging = registry.staging_dir(context.run_id)
-    report = export_candidate(network, model_config.resolution, calibration_images, test.images, test.labels, staging)
+    report = export_candidate(
+        network, model_config.resolution, calibration_images, test.images, test.labels, staging, config.max_accuracy_drop
+    )
     passed, reasons = export_gate(report, ExportGatePolicy(config.max_accuracy_drop, config.max_size_ratio, config.max_parity_diff))
     shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
     card = {
@@ -67,6 +72,9 @@ def exported_model(
         "export": {
             "fp32_bytes": report.fp32_bytes, "int8_bytes": report.int8_bytes,
             "parity_max_abs_diff": report.parity_max_abs_diff,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "int8_recipe": report.int8_recipe,
+            "int8_recipe_trials": [asdict(t) for t in report.recipe_trials],
         },
         "gates": {
             "evaluation": model_evaluation["gate"],
@@ -83,8 +91,10 @@ def exported_model(
         },
     }
     version = registry.publish(staging, card)
+    artifact_run = log_model_artifact(version.path, version.version, card, flywheel.root)
     for reason in reasons:
         context.log.info(f"export gate: {reason}")
+    trials = pl.DataFrame([asdict(t) for t in report.recipe_trials]).sort("latency_ms_batch64")
     return dg.Output(
         {"version": version.version, "path": str(version.path), "export_gate": {"passed": passed, "reasons": reasons}},
         metadata={
@@ -96,6 +106,9 @@ def exported_model(
             "fp32_test_accuracy": report.fp32_accuracy,
             "int8_test_accuracy": report.int8_accuracy,
             "parity_max_abs_diff": report.parity_max_abs_diff,
+            "int8_recipe": report.int8_recipe,
+            "int8_recipe_trials": markdown_table(trials),
+            "wandb_artifact_run": artifact_run,
             "export_gate_passed": passed,
             "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
         },
