@@ -26,6 +26,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         spec = SimulationSpec(
             batches=args.batches, batch_size=args.size, resolution=args.resolution, drift=args.drift,
             strength=args.strength, labeled=not args.unlabeled, pool=args.pool, prefix=args.prefix, seed=args.seed,
+            offset=args.offset,
         )
     except ValueError as error:
         raise UserError(str(error)) from None
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="main: digits for clean batches; holdout: digits no main batch contains")
     simulate.add_argument("--prefix", default="digits", help="batch ids are PREFIX-000, PREFIX-001, ...")
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--offset", type=int, default=0, help="skip this many images of the pool (disjoint sets)")
     simulate.add_argument("--overwrite", action="store_true", help="replace landing files that already exist")
     simulate.set_defaults(handler=cmd_simulate)
 

@@ -11,14 +11,24 @@ from orchestration.resources import FlywheelHome
 from transforms.landing import check_batch_id
 
 
+def value_path(flywheel: FlywheelHome, key: dg.AssetKey, partition: str | None) -> Path:
+    name = check_batch_id(partition) if partition else "__unpartitioned__"
+    return flywheel.root.joinpath("values", *key.path) / f"{name}.json"
+
+
+def stored_values(flywheel: FlywheelHome, asset: str) -> list[dict]:
+    """Every stored value of one asset (all partitions), ordered by partition key."""
+    folder = value_path(flywheel, dg.AssetKey(asset), None).parent
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+
 class JsonIOManager(dg.ConfigurableIOManager):
     """Stores each asset value as `$FLYWHEEL_HOME/values/<asset key>/<partition>.json`."""
 
     flywheel: dg.ResourceDependency[FlywheelHome]
 
     def _path(self, key: dg.AssetKey, partition: str | None) -> Path:
-        name = check_batch_id(partition) if partition else "__unpartitioned__"
-        return self.flywheel.root.joinpath("values", *key.path) / f"{name}.json"
+        return value_path(self.flywheel, key, partition)
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         if obj is None:  # assets that only materialize tables (dbt) pass no value on

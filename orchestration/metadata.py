@@ -37,3 +37,29 @@ def code_version() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def drift_over_time_png(reports: list[dict], path: Path) -> Path:
+    """Per batch, in capture order: share of drifted image statistics, embedding-drift p-value and the
+    champion's accuracy on the batch's labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [r["batch_id"] for r in reports]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.5), dpi=100, sharex=True)
+    top.bar(batches, [r["drifted_share"] for r in reports], color=["tab:red" if r["drifted"] else "tab:blue" for r in reports])
+    top.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    top.set(ylabel="drifted share", ylim=(0, 1), title="drift over time (red: drifted)")
+    bottom.plot(batches, [r["embedding"]["p_value"] for r in reports], marker="o", label="embedding MMD p-value")
+    bottom.plot(batches, [r["champion_accuracy"] if r["champion_accuracy"] is not None else float("nan") for r in reports],
+                marker="s", label="champion accuracy on labels")
+    bottom.set(ylim=(0, 1.05))
+    bottom.legend(fontsize=7, loc="lower left")
+    bottom.tick_params(axis="x", labelrotation=45, labelsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path

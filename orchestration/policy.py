@@ -34,8 +34,11 @@ def decide(
         batch = report["batch_id"]
         if batch in trained_on or report["champion"] != champion_card["version"]:
             continue  # the champion already learned from it, or the report is about another champion
-        if report["dataset_drift"]:
-            reasons.append(f"batch {batch} drifted ({100 * report['drifted_share']:.0f}% of features)")
+        if report["drifted"]:
+            reasons.append(
+                f"batch {batch} drifted ({100 * report['drifted_share']:.0f}% of image statistics, "
+                f"embedding MMD p={report['embedding']['p_value']:.3f})"
+            )
         accuracy = report["champion_accuracy"]
         floor = champion_card["metrics"]["test_accuracy"] - policy.accuracy_margin
         if accuracy is not None and accuracy < floor:

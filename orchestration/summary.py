@@ -1,9 +1,8 @@
 """What `flywheel run` and `flywheel status` print."""
 
-import json
-
 import polars as pl
 
+from orchestration.io_manager import stored_values
 from orchestration.loop import TickReport
 from orchestration.resources import FlywheelHome
 from training.registry import Registry
@@ -41,7 +40,8 @@ def _drift_rows(reports: list[dict]) -> list[dict]:
             "batch": r["batch_id"],
             "champion": r["champion"],
             "drifted features": f"{sum(f['drifted'] for f in r['features'])}/{len(r['features'])}",
-            "drift": "DRIFT" if r["dataset_drift"] else "-",
+            "embedding p": round(r["embedding"]["p_value"], 3),
+            "drift": "DRIFT" if r["drifted"] else "-",
             "champion accuracy": "unlabeled" if r["champion_accuracy"] is None else f"{r['champion_accuracy']:.3f}",
         }
         for r in reports
@@ -78,12 +78,6 @@ def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
         print(line)
 
 
-def drift_history(flywheel: FlywheelHome) -> list[dict]:
-    folder = flywheel.root / "values" / "drift_report"
-    reports = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
-    return reports
-
-
 def print_status(flywheel: FlywheelHome) -> None:
     registry = Registry(flywheel.registry)
     for line in champion_lines(flywheel):
@@ -105,7 +99,7 @@ def print_status(flywheel: FlywheelHome) -> None:
                 "parent": card["lineage"]["parent_champion"] or "-",
             })
         print(_table(rows))
-    history = drift_history(flywheel)
+    history = stored_values(flywheel, "drift_report")
     if history:
         print("\ndrift history:")
         print(_table(_drift_rows(history)))

@@ -30,7 +30,10 @@ def card(version: str = "v0001", batches=("a",), accuracy: float = 0.98) -> dict
 
 
 def report(batch: str, drift: bool = False, accuracy: float | None = None, champion: str = "v0001") -> dict:
-    return {"batch_id": batch, "champion": champion, "dataset_drift": drift, "drifted_share": 0.6 if drift else 0.0, "champion_accuracy": accuracy}
+    return {
+        "batch_id": batch, "champion": champion, "drifted": drift, "drifted_share": 0.6 if drift else 0.0,
+        "embedding": {"p_value": 0.001 if drift else 0.5}, "champion_accuracy": accuracy,
+    }
 
 
 def test_policy_retrains_without_a_champion_on_drift_and_on_an_accuracy_drop():

@@ -93,7 +93,7 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     assert drift.success
     report = drift.output_for_node("drift_report")
     assert report["champion"] == "v0001"
-    assert report["dataset_drift"] is False  # the champion was trained on this very batch
+    assert report["drifted"] is False  # the champion was trained on this very batch
     assert report["champion_accuracy"] > 0.8
     stored = json.loads((home / "values" / "drift_report" / f"{batches[0]}.json").read_text())
     assert stored["batch_id"] == batches[0]

@@ -58,7 +58,8 @@ class FitConfig(BaseModel):
     wandb_save_dir: Path = Field(description="W&B writes its runs to <this>/wandb (the data root).")
     wandb_project: str = "flywheel"
     run_name: str = "train"
-    tags: dict[str, str] = Field(default_factory=dict, description="Logged to W&B with the config.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Short labels for the W&B run (64 characters each).")
+    reason: str = Field("manual", description="Why this training runs (the retraining policy's reasons); the W&B run's notes.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)

@@ -30,6 +30,14 @@ def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int 
     return torch.cat(outputs).numpy()
 
 
+@torch.inference_mode()
+def embed_and_predict(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate-layer embeddings, predicted classes) of the images."""
+    embeddings = [network.embed(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    embedded = torch.cat(embeddings) if embeddings else torch.zeros((0, network.head.in_features))
+    return embedded.numpy(), network.head(embedded).argmax(dim=1).numpy()
+
+
 def onnx_session(model_path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -123,6 +123,7 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
         save_dir=str(config.wandb_save_dir),
         mode=wandb_mode(),
         tags=[f"{key}:{value}" for key, value in config.tags.items()],
+        notes=config.reason,
         config=json.loads(config.model_dump_json()),
     )
     checkpoints = ModelCheckpoint(

@@ -36,6 +36,29 @@ def log_model_artifact(version_dir: Path, version: str, card: dict, save_dir: Pa
         run.finish()
 
 
+def log_monitoring(report: dict, save_dir: Path, project: str = "flywheel") -> str:
+    """One W&B run per drift report (job type `monitor`): the drift figures of the batch as its summary."""
+    import wandb
+
+    run = wandb.init(
+        project=project, dir=str(save_dir), mode=wandb_mode(), job_type="monitor", name=f"drift-{report['batch_id']}",
+        config={"batch_id": report["batch_id"], "champion": report["champion"]},
+    )
+    try:
+        run.log({
+            "drift/drifted": int(report["drifted"]),
+            "drift/feature_share": report["drifted_share"],
+            "drift/embedding_mmd2": report["embedding"]["mmd2"],
+            "drift/embedding_p_value": report["embedding"]["p_value"],
+            "drift/prediction_statistic": report["predictions"]["statistic"],
+            **({"champion/accuracy_on_labels": report["champion_accuracy"]} if report["champion_accuracy"] is not None else {}),
+            **{f"features/{f['feature']}": f["statistic"] for f in report["features"]},
+        })
+        return run.id
+    finally:
+        run.finish()
+
+
 @dataclass
 class OfflineRun:
     run_id: str

@@ -72,3 +72,85 @@ def dataset_drift(
     ]
     share = sum(r.drifted for r in results) / len(results)
     return DriftResult(results, share, share >= policy.dataset_drift_share, reference.height, current.height)
+
+
+@dataclass(frozen=True)
+class EmbeddingDrift:
+    """Maximum mean discrepancy between two sets of embeddings, with a permutation test."""
+
+    mmd2: float
+    p_value: float
+    threshold: float
+    drifted: bool
+    reference_rows: int
+    current_rows: int
+
+
+def embedding_drift(
+    reference: np.ndarray, current: np.ndarray, p_value_threshold: float = 0.01,
+    max_rows: int = 400, permutations: int = 200, seed: int = 0,
+) -> EmbeddingDrift:
+    """MMD² with an RBF kernel (median-distance bandwidth), p-value by scipy's permutation test.
+
+    At most `max_rows` rows per side are sampled: the test's power saturates long before, and its
+    cost grows with the square of the rows. The kernel matrix is computed once; permutations only
+    reweight it."""
+    from scipy.spatial.distance import cdist
+    from scipy.stats import permutation_test
+
+    rng = np.random.default_rng(seed)
+    if len(reference) > max_rows:
+        reference = reference[rng.choice(len(reference), max_rows, replace=False)]
+    if len(current) > max_rows:
+        current = current[rng.choice(len(current), max_rows, replace=False)]
+    pooled = np.concatenate([reference, current]).astype(np.float64)
+    distances = cdist(pooled, pooled, "sqeuclidean")
+    bandwidth = np.median(distances[distances > 0]) if (distances > 0).any() else 1.0
+    kernel = np.exp(-distances / bandwidth)
+
+    def mmd2(x_index: np.ndarray, y_index: np.ndarray, axis: int = -1) -> np.ndarray:
+        # Biased MMD² of a split = w' K w, with w = 1/n on one side and -1/m on the other: one matrix
+        # product scores a whole batch of permutations.
+        x_index, y_index = np.atleast_2d(x_index), np.atleast_2d(y_index)
+        weights = np.zeros((len(x_index), len(pooled)))
+        rows = np.arange(len(x_index))[:, None]
+        weights[rows, x_index] = 1.0 / x_index.shape[1]
+        weights[rows, y_index] = -1.0 / y_index.shape[1]
+        return ((weights @ kernel) * weights).sum(axis=1)
+
+    result = permutation_test(
+        (np.arange(len(reference)), np.arange(len(reference), len(pooled))), mmd2,
+        permutation_type="independent", vectorized=True, n_resamples=permutations, alternative="greater", random_state=seed,
+    )
+    p_value = float(np.squeeze(result.pvalue))
+    return EmbeddingDrift(float(np.squeeze(result.statistic)), p_value, p_value_threshold, p_value < p_value_threshold, len(reference), len(current))
+
+
+@dataclass(frozen=True)
+class PredictionDrift:
+    """Shift of the predicted-class distribution (Evidently's categorical defaults: chi-square
+    p < 0.05 up to 1,000 reference rows, Jensen-Shannon distance >= 0.1 beyond)."""
+
+    method: str
+    statistic: float
+    threshold: float
+    drifted: bool
+    reference_share: list[float]
+    current_share: list[float]
+
+
+def prediction_drift(reference: np.ndarray, current: np.ndarray, num_classes: int, policy: DriftPolicy) -> PredictionDrift:
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import chi2_contingency
+
+    counts = np.stack([np.bincount(reference, minlength=num_classes), np.bincount(current, minlength=num_classes)])
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    if len(reference) <= policy.small_reference:
+        present = counts.sum(axis=0) > 0  # chi-square needs no empty columns
+        p_value = float(chi2_contingency(counts[:, present]).pvalue) if present.sum() > 1 else 1.0
+        method, statistic, threshold, drifted = "chi2_p_value", p_value, policy.ks_p_value, p_value < policy.ks_p_value
+    else:
+        distance = float(jensenshannon(shares[0], shares[1], base=2))
+        method, statistic, threshold = "jensen_shannon", distance, policy.distance_threshold
+        drifted = distance >= policy.distance_threshold
+    return PredictionDrift(method, statistic, threshold, bool(drifted), shares[0].round(4).tolist(), shares[1].round(4).tolist())

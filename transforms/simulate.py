@@ -38,6 +38,7 @@ class SimulationSpec:
     pool: Pool = "main"
     prefix: str = "digits"
     seed: int = 0
+    offset: int = 0  # skip this many images of the pool (to draw disjoint sets from it)
     start: datetime = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class SimulationSpec:
             raise ValueError(f"batches must be at least 1, got {self.batches}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.offset < 0:
+            raise ValueError(f"offset must be at least 0, got {self.offset}")
         if self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {self.resolution}")
 
@@ -92,7 +95,9 @@ def _png(image: Image.Image) -> bytes:
 def simulate_batches(landing_dir: Path, spec: SimulationSpec, overwrite: bool = False) -> tuple[list[Path], list[Path]]:
     """Write `spec.batches` landing files atomically; returns (written, kept): existing files are
     kept unless `overwrite`, so simulating twice does not re-land the same batches."""
-    indices, images, labels = digits_pool(spec.pool)
+    indices, images, labels = (part[spec.offset :] for part in digits_pool(spec.pool))
+    if len(indices) == 0:
+        raise ValueError(f"offset {spec.offset} leaves no images in the {spec.pool} pool")
     rng = np.random.default_rng(spec.seed)
     per_batch = spec.batch_size or max(1, len(indices) // spec.batches)
     if spec.drift == "class_prior":

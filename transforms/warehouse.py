@@ -165,19 +165,24 @@ def split_fingerprints(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
     return dict(rows)
 
 
-def split_records(connection: duckdb.DuckDBPyConnection, split: str, resolution: int) -> Records:
-    """One split of `training_examples` (labeled images only)."""
+def split_records(
+    connection: duckdb.DuckDBPyConnection, split: str, resolution: int,
+    batch_ids: list[str] | None = None, limit: int | None = None,
+) -> Records:
+    """One split of `training_examples` (labeled images only), optionally of some batches only and
+    at most `limit` rows (a deterministic sample: the first by image_id hash)."""
     rows = connection.execute(
         """
         SELECT e.image_id, e.batch_id, e.label, r.image
         FROM training_examples AS e
         JOIN raw_images AS r USING (image_id)
-        WHERE e.split = $split
-        ORDER BY e.image_id
+        WHERE e.split = $split AND ($batches IS NULL OR list_contains($batches, e.batch_id))
+        ORDER BY CASE WHEN $limit IS NULL THEN 0 ELSE md5_number(e.image_id) END, e.image_id
+        LIMIT $limit
         """,
-        {"split": split},
+        {"split": split, "batches": batch_ids, "limit": limit},
     ).pl()
-    return _decoded(rows, resolution)
+    return _decoded(rows.sort("image_id"), resolution)
 
 
 def batch_records(connection: duckdb.DuckDBPyConnection, batch_id: str, resolution: int) -> Records:

@@ -1,82 +1,128 @@
-"""Monitoring: each batch against the champion's training reference — image-statistics drift and,
-where the batch is labeled, the champion's real accuracy on it."""
+"""Monitoring: each batch against the champion's training data — image-statistics drift, embedding
+drift (MMD on the champion's penultimate layer), prediction drift and, where the batch is labeled,
+the champion's real accuracy on it."""
 
 import dagster as dg
-from pydantic import Field
 import numpy as np
+from pydantic import Field
 
-from orchestration.metadata import markdown_table
+from orchestration.checks import DRIFT_CHECK_SPECS, drift_check_results
+from orchestration.io_manager import stored_values
+from orchestration.metadata import drift_over_time_png, markdown_image, markdown_table
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
-from training.evaluate import onnx_session, predict_onnx
-from training.registry import Registry
+from training.config import ModelConfig
+from training.evaluate import embed_and_predict, load_classifier, onnx_session, predict_onnx
+from training.registry import ModelVersion, Registry
+from training.tracking import log_monitoring
 from transforms import warehouse
-from transforms.drift import DriftPolicy, dataset_drift
+from transforms.drift import DriftPolicy, dataset_drift, embedding_drift, prediction_drift
 from transforms.images import STAT_COLUMNS
 
 
 class DriftConfig(dg.Config):
-    ks_p_value: float = Field(0.05, description="KS test: a feature drifted when p is below this (references <= small_reference rows).")
-    distance_threshold: float = Field(0.1, description="Normalised Wasserstein: a feature drifted at or above this (larger references).")
-    small_reference: int = Field(1000, description="Reference size up to which the KS test is used.")
-    dataset_drift_share: float = Field(0.5, description="The batch drifted when at least this share of features did.")
+    ks_p_value: float = Field(0.05, description="KS / chi-square: drift when p is below this (references <= small_reference rows).")
+    distance_threshold: float = Field(0.1, description="Normalised Wasserstein / Jensen-Shannon: drift at or above this (larger references).")
+    small_reference: int = Field(1000, description="Reference size up to which the KS and chi-square tests are used.")
+    dataset_drift_share: float = Field(0.5, description="The image statistics drifted when at least this share of features did.")
+    embedding_p_value: float = Field(0.01, description="MMD permutation test: embedding drift when p is below this (stricter: fewer false alarms).")
+    reference_rows: int = Field(1000, description="Training images sampled as the reference for embeddings and predictions.")
+
+
+def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: dict, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The champion's embeddings and predictions on a sample of its training images, computed once
+    per champion and kept beside the monitoring reports (plain .npy, never pickled)."""
+    folder = flywheel.root / "monitoring" / champion.version
+    embeddings_path, predictions_path = folder / "reference_embeddings.npy", folder / "reference_predictions.npy"
+    if embeddings_path.exists() and predictions_path.exists():
+        return np.load(embeddings_path, allow_pickle=False), np.load(predictions_path, allow_pickle=False)
+    with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
+        records = warehouse.split_records(
+            connection, "train", card["input"]["height"], batch_ids=card["lineage"]["training_batches"], limit=rows
+        )
+    network = load_classifier(champion.weights, ModelConfig.model_validate(card["model"]))
+    embeddings, predictions = embed_and_predict(network, records.images)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(embeddings_path, embeddings)
+    np.save(predictions_path, predictions)
+    return embeddings, predictions
 
 
 @dg.asset(
     deps=["batch_image_stats", "champion_model"],
     partitions_def=batch_partitions,
-    description="Per-feature and dataset drift of one batch's image statistics against the champion's "
-    "training reference, the champion's predictions on the batch and, when labeled, its accuracy there.",
+    description="One batch against the champion's training data: per-feature and dataset drift of the image "
+    "statistics, embedding drift (MMD), prediction drift, the champion's accuracy on the batch's labels, "
+    "and the drift-over-time plot.",
     group_name="monitoring",
-    kinds={"duckdb", "onnx"},
+    kinds={"duckdb", "onnx", "wandb"},
     pool="warehouse",
+    check_specs=DRIFT_CHECK_SPECS,
 )
-def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome) -> dg.Output[dict]:
+def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome):
     batch_id = context.partition_key
     champion = Registry(flywheel.registry).champion()
     if champion is None:
         raise dg.Failure("drift is measured against the champion's training data, and there is no champion yet: train one first")
     card = champion.card()
-    reference_batches = card["lineage"]["training_batches"]
     policy = DriftPolicy(config.ks_p_value, config.distance_threshold, config.small_reference, config.dataset_drift_share)
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
-        reference = warehouse.image_stats(connection, reference_batches, split="train")
-        current = warehouse.image_stats(connection, [batch_id])
+        reference_stats = warehouse.image_stats(connection, card["lineage"]["training_batches"], split="train")
+        current_stats = warehouse.image_stats(connection, [batch_id])
         records = warehouse.batch_records(connection, batch_id, card["input"]["height"])
-    if current.is_empty():
+    if current_stats.is_empty():
         raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
-    result = dataset_drift(reference, current, list(STAT_COLUMNS), policy)
 
+    features = dataset_drift(reference_stats, current_stats, list(STAT_COLUMNS), policy)
+    reference_embeddings, reference_predictions = _reference(flywheel, champion, card, config.reference_rows)
+    network = load_classifier(champion.weights, ModelConfig.model_validate(card["model"]))
+    embeddings, _ = embed_and_predict(network, records.images)
+    embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
+    # What is served is the int8 file: its predictions are the ones that count.
     predictions = predict_onnx(onnx_session(champion.int8), records.images).argmax(axis=1)
+    classes = prediction_drift(reference_predictions, predictions, flywheel.num_classes, policy)
     labeled = records.index["label"].is_not_null().to_numpy()
     labels = records.index["label"].fill_null(-1).to_numpy()
     champion_accuracy = float((predictions[labeled] == labels[labeled]).mean()) if labeled.any() else None
-    class_share = np.bincount(predictions, minlength=flywheel.num_classes) / max(1, len(predictions))
+    drifted = features.dataset_drift or embedding.drifted
 
     value = {
         "batch_id": batch_id,
         "champion": champion.version,
-        "reference_batches": reference_batches,
-        **result.to_dict(),
+        "reference_batches": card["lineage"]["training_batches"],
+        **features.to_dict(),
+        "embedding": embedding.__dict__,
+        "predictions": classes.__dict__,
+        "drifted": drifted,
         "labeled_rows": int(labeled.sum()),
         "champion_accuracy": champion_accuracy,
         "champion_test_accuracy": card["metrics"]["test_accuracy"],
-        "predicted_class_share": class_share.round(4).tolist(),
     }
+    history = [r for r in stored_values(flywheel, "drift_report") if r["batch_id"] != batch_id] + [value]
+    plot = drift_over_time_png(history, flywheel.reports / "drift_over_time.png")
+    wandb_run = log_monitoring(value, flywheel.root)
     context.log.info(
-        f"batch {batch_id}: {100 * result.drifted_share:.0f}% of features drifted -> "
-        f"{'DRIFT' if result.dataset_drift else 'no drift'}; champion accuracy on its labels: {champion_accuracy}"
+        f"batch {batch_id}: {'DRIFT' if drifted else 'no drift'} — {100 * features.drifted_share:.0f}% of image "
+        f"statistics drifted, embedding MMD p={embedding.p_value:.3f}, prediction {classes.method}={classes.statistic:.3g}; "
+        f"champion accuracy on its labels: {champion_accuracy}"
     )
-    return dg.Output(
+    yield dg.Output(
         value,
         metadata={
-            "dataset_drift": result.dataset_drift,
-            "drifted_share": result.drifted_share,
+            "drifted": drifted,
+            "dataset_drift": features.dataset_drift,
+            "drifted_share": features.drifted_share,
+            "embedding_mmd2": embedding.mmd2,
+            "embedding_p_value": embedding.p_value,
+            "prediction_drift": classes.drifted,
             "champion": champion.version,
             "champion_accuracy": champion_accuracy if champion_accuracy is not None else float("nan"),
             "labeled_rows": int(labeled.sum()),
-            "current_rows": result.current_rows,
-            "reference_rows": result.reference_rows,
-            "features": markdown_table(result.table().select("feature", "method", "statistic", "threshold", "drifted", "reference_mean", "current_mean")),
+            "current_rows": features.current_rows,
+            "reference_rows": features.reference_rows,
+            "features": markdown_table(features.table().select("feature", "method", "statistic", "threshold", "drifted", "reference_mean", "current_mean")),
+            "drift_over_time": markdown_image(plot, "drift over time"),
+            "wandb_run": wandb_run,
         },
     )
+    yield from drift_check_results(value)

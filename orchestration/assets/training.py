@@ -58,7 +58,8 @@ def trained_model(
         run_dir=run_dir,
         wandb_save_dir=flywheel.root,
         run_name=f"train-{run_dir.name}",
-        tags={"dagster_run_id": context.run_id},
+        tags={"dagster_run": context.run_id},
+        reason=context.run.tags.get("flywheel/reason", "manual"),
         **payload,
     )
     run_dir.mkdir(parents=True, exist_ok=True)

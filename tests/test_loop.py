@@ -1,0 +1,127 @@
+"""The continuous-learning loop end to end, driven by the sensors (Dagster's sensor test utilities
+on a real instance): clean batches -> v1; a clean batch -> no retraining; a drifted labeled batch
+-> drift detected -> retraining -> v2 passes the gate and beats v1 on held-out drifted images."""
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+
+from orchestration.automation import drift_sensor, monitoring_sensor
+from orchestration.definitions import defs
+from orchestration.sensors import landing_sensor
+from tests.conftest import FAST_TRAINING
+from training.evaluate import onnx_session, predict_onnx
+from training.registry import Registry
+from transforms.images import decode_image
+from transforms.simulate import SimulationSpec, simulate_batches
+
+pytestmark = pytest.mark.e2e
+
+# Test slices hold ~40 images, where one image is 2.5 points: a 2-point margin would be noise.
+RETRAIN_CONFIG = {"ops": {"trained_model": {"config": FAST_TRAINING}, "model_evaluation": {"config": {"slice_margin": 0.06}}}}
+
+
+class Loop:
+    def __init__(self, home: Path):
+        self.home = home
+        self.instance = dg.DagsterInstance.ephemeral()
+        self.cursors: dict[str, str | None] = {}
+        self.flywheel = defs.resources["flywheel"]
+
+    def tick(self, sensor) -> list[dg.RunRequest]:
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name), resources={"flywheel": self.flywheel}) as context:
+            result = sensor(context)
+        if isinstance(result, dg.SkipReason):
+            return []
+        self.cursors[sensor.name] = result.cursor
+        for request in result.dynamic_partitions_requests or []:
+            self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return list(result.run_requests or [])
+
+    def execute(self, requests: list[dg.RunRequest], default_job: str) -> None:
+        for request in requests:
+            job = defs.resolve_job_def(request.job_name or default_job)
+            result = job.execute_in_process(
+                instance=self.instance, partition_key=request.partition_key, tags=request.tags,
+                run_config=RETRAIN_CONFIG if job.name == "retrain" else {}, raise_on_error=False,
+            )
+            assert result.success, f"{job.name} failed"
+
+    def land_and_process(self) -> list[str]:
+        """Landing sensor -> ingestion -> dbt (the daemon's eager automation) -> monitoring sensor -> reports."""
+        requests = self.tick(landing_sensor)
+        self.execute(requests, "ingest")
+        self.execute([dg.RunRequest()], "transform")
+        monitors = self.tick(monitoring_sensor)
+        self.execute(monitors, "monitor")
+        return [r.partition_key for r in requests]
+
+
+def held_out_drifted(home: Path) -> tuple[np.ndarray, np.ndarray]:
+    (path,), _ = simulate_batches(home / "held_out", SimulationSpec(batches=1, pool="holdout", offset=250, drift="invert", prefix="eval"))
+    frame = pl.read_parquet(path)
+    images = np.stack([np.asarray(decode_image(b, 10**6).pixels) for b in frame["image"]])
+    return images, frame["label"].to_numpy()
+
+
+def age(paths: list[Path]) -> None:
+    import os
+    import time
+
+    for path in paths:
+        os.utime(path, (time.time() - 60, time.time() - 60))  # settled files, as the sensor expects
+
+
+def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path):
+    loop = Loop(home)
+    registry = Registry(home / "registry")
+
+    landed, _ = simulate_batches(home / "landing", SimulationSpec(batches=2, batch_size=200, seed=1))
+    age(landed)
+    assert sorted(loop.land_and_process()) == ["digits-000", "digits-001"]
+    assert loop.tick(monitoring_sensor) == []  # no champion: nothing to monitor against
+    first = loop.tick(drift_sensor)
+    assert len(first) == 1 and "no champion" in first[0].tags["flywheel/reason"]
+    loop.execute(first, "retrain")
+    assert registry.champion().version == "v0001"
+
+    # The first champion's view of its own batches: no drift, no retraining.
+    loop.execute(loop.tick(monitoring_sensor), "monitor")
+    assert loop.tick(drift_sensor) == []
+
+    # A clean batch the champion has never seen: no false alarm.
+    clean, _ = simulate_batches(home / "landing", SimulationSpec(batches=1, batch_size=150, pool="main", offset=400, prefix="clean", seed=2))
+    age(clean)
+    assert loop.land_and_process() == ["clean-000"]
+    report = pl.read_json(home / "values" / "drift_report" / "clean-000.json").to_dicts()[0]
+    assert report["drifted"] is False, report
+    assert loop.tick(drift_sensor) == []
+
+    # A drifted, labeled batch: inverted polarity, digits no earlier batch contained.
+    drifted, _ = simulate_batches(home / "landing", SimulationSpec(batches=1, batch_size=250, pool="holdout", drift="invert", prefix="invert"))
+    age(drifted)
+    assert loop.land_and_process() == ["invert-000"]
+    report = pl.read_json(home / "values" / "drift_report" / "invert-000.json").to_dicts()[0]
+    assert report["drifted"] and report["embedding"]["drifted"] and report["champion_accuracy"] < 0.5
+    retrain = loop.tick(drift_sensor)
+    assert len(retrain) == 1 and "invert-000 drifted" in retrain[0].tags["flywheel/reason"]
+    loop.execute(retrain, "retrain")
+
+    v2 = registry.champion()
+    assert v2.version == "v0002"
+    card = v2.card()
+    assert card["gates"]["evaluation"]["passed"] and card["lineage"]["parent_champion"] == "v0001"
+    assert "invert-000" in card["lineage"]["training_batches"]
+
+    images, labels = held_out_drifted(home)
+    accuracy = {
+        version: float((predict_onnx(onnx_session(registry.get(version).int8), images).argmax(axis=1) == labels).mean())
+        for version in ("v0001", "v0002")
+    }
+    assert accuracy["v0002"] >= accuracy["v0001"] + 0.10, accuracy
+    # The retrained champion trained on the drifted batch: its report no longer asks for more.
+    loop.execute(loop.tick(monitoring_sensor), "monitor")
+    assert loop.tick(drift_sensor) == []
