@@ -43,7 +43,8 @@ test: setup
 	$(BIN)/pytest
 
 dev: setup
-	DAGSTER_HOME=$$($(BIN)/python -m orchestration.instance) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	PATH=$(CURDIR)/$(BIN):$$PATH DAGSTER_HOME=$$($(BIN)/python -m orchestration.instance) \
+		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean:
 	rm -rf $(FLYWHEEL_HOME) dbt_project/target dbt_project/logs

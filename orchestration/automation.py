@@ -16,6 +16,11 @@ from training.registry import Registry
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 # When the scheduled retraining runs; cron, overridable per deployment.
 RETRAIN_CRON = os.environ.get("FLYWHEEL_RETRAIN_CRON", "0 3 * * 1")
+# Sensors and the schedule start running with the daemon unless FLYWHEEL_AUTOMATION=stopped (a UI
+# demo or test that drives runs by hand); either way they can be switched in the UI.
+AUTOMATION_RUNNING = os.environ.get("FLYWHEEL_AUTOMATION", "running") != "stopped"
+SENSOR_STATUS = dg.DefaultSensorStatus.RUNNING if AUTOMATION_RUNNING else dg.DefaultSensorStatus.STOPPED
+SCHEDULE_STATUS = dg.DefaultScheduleStatus.RUNNING if AUTOMATION_RUNNING else dg.DefaultScheduleStatus.STOPPED
 
 
 def retraining_active(instance: dg.DagsterInstance) -> bool:
@@ -33,7 +38,7 @@ def _latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str |
 @dg.sensor(
     job=monitor_job,
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="Requests a drift report for every batch ingested (and transformed by dbt) since its last report.",
 )
 def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult | dg.SkipReason:
@@ -51,7 +56,7 @@ def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHom
 @dg.sensor(
     job=retrain_job,
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="Applies the retraining policy to new drift reports (and to having no champion) and requests a "
     "retraining when it says so, unless one is already queued or running.",
 )
@@ -83,7 +88,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) ->
 @dg.schedule(
     job=retrain_job,
     cron_schedule=RETRAIN_CRON,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=SCHEDULE_STATUS,
     description="Retrains on all labeled data on a fixed cadence (weekly by default; FLYWHEEL_RETRAIN_CRON).",
 )
 def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: FlywheelHome):
@@ -95,7 +100,7 @@ def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: Flywhee
 
 
 @dg.run_failure_sensor(
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="Appends every failed run to $FLYWHEEL_HOME/monitoring/run_failures.jsonl.",
 )
 def run_failure_recorder(context: dg.RunFailureSensorContext, flywheel: FlywheelHome) -> None:

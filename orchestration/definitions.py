@@ -12,7 +12,7 @@ from orchestration.assets.transformation import dbt_models, dbt_resource
 from orchestration.automation import drift_sensor, monitoring_sensor, retraining_schedule, run_failure_recorder
 from orchestration.checks import evaluation_gate, export_gate
 from orchestration.io_manager import JsonIOManager
-from orchestration.jobs import ingest_job, labels_job, monitor_job, retrain_job, transform_job
+from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job
 from orchestration.resources import FlywheelHome, TrainingCompute
 from orchestration.sensors import landing_sensor
 
@@ -31,7 +31,7 @@ defs = dg.Definitions(
         drift_report,
     ],
     asset_checks=[evaluation_gate, export_gate],
-    jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job],
+    jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job, full_loop_job],
     sensors=[landing_sensor, monitoring_sensor, drift_sensor, run_failure_recorder],
     schedules=[retraining_schedule],
     resources={

@@ -39,3 +39,12 @@ monitor_job = dg.define_asset_job(
     partitions_def=batch_partitions,
     description="Drift report of one batch against the champion's training data.",
 )
+
+full_loop_job = dg.define_asset_job(
+    "full_loop",
+    selection=dg.AssetSelection.assets(
+        "raw_labels", dbt_models, "ffcv_datasets", "trained_model", "model_evaluation", "exported_model", "champion_model"
+    ),
+    description="Everything after ingestion in one run: late labels, dbt, datasets, training, evaluation, "
+    "export and promotion (batches are ingested and monitored per partition by the sensors).",
+)

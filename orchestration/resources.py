@@ -13,6 +13,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def environment_executable(name: str) -> str:
+    """A program of this Python environment (venv), found through sys.prefix: the code server that
+    `dagster dev` starts may run with a sys.executable outside the venv's bin folder."""
+    candidate = Path(sys.prefix) / "bin" / name
+    return str(candidate) if candidate.exists() else name
+
+
 def default_home() -> str:
     """`$FLYWHEEL_HOME`, or `.flywheel` in the repository (DESIGN.md's data contract)."""
     return str(Path(os.environ.get("FLYWHEEL_HOME") or REPO_ROOT / ".flywheel").resolve())
@@ -98,7 +105,7 @@ class TrainingCompute(dg.ConfigurableResource):
         }
 
     def torchrun_command(self, config_path: Path) -> list[str]:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.processes_per_node()}"]
+        command = [environment_executable("python"), "-m", "torch.distributed.run", f"--nproc-per-node={self.processes_per_node()}"]
         if self.num_nodes > 1:
             command += [
                 f"--nnodes={self.num_nodes}",

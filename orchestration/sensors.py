@@ -7,6 +7,7 @@ import time
 
 import dagster as dg
 
+from orchestration.automation import SENSOR_STATUS
 from orchestration.jobs import ingest_job, labels_job
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
@@ -47,7 +48,7 @@ def scan_landing(flywheel: FlywheelHome, cursor: dict, now: float) -> tuple[list
 @dg.sensor(
     jobs=[ingest_job, labels_job],
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=SENSOR_STATUS,
     description="Registers each new or changed landing/<batch_id>.parquet as a partition and requests its "
     "ingestion; requests a label load when landing/labels/ changes.",
 )

@@ -3,32 +3,26 @@ become asset checks."""
 
 import json
 import os
-import sys
 from collections.abc import Mapping
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
-from orchestration.resources import REPO_ROOT, FlywheelHome
+from orchestration.resources import REPO_ROOT, FlywheelHome, environment_executable
 
 
 @cache
 def dbt_project() -> DbtProject:
-    """The manifest is prepared at build time (`make setup` runs `dbt parse`), not on import."""
-    project = DbtProject(project_dir=REPO_ROOT / "dbt_project", profiles_dir=REPO_ROOT / "dbt_project")
-    project.prepare_if_dev()
-    return project
+    """The manifest is prepared at build time (`make setup` runs `dbt parse` when a model changes),
+    not on import, and not by `prepare_if_dev()`, which would look for dbt on PATH."""
+    return DbtProject(project_dir=REPO_ROOT / "dbt_project", profiles_dir=REPO_ROOT / "dbt_project")
 
 
 def dbt_resource() -> DbtCliResource:
-    # The dbt beside this interpreter, so a venv works without being activated.
-    beside_python = Path(sys.executable).parent / "dbt"
-    return DbtCliResource(
-        project_dir=dbt_project(), dbt_executable=str(beside_python) if beside_python.exists() else "dbt"
-    )
+    # The environment's own dbt, so a venv works without being activated.
+    return DbtCliResource(project_dir=dbt_project(), dbt_executable=environment_executable("dbt"))
 
 
 class FlywheelDbtTranslator(DagsterDbtTranslator):
