@@ -126,3 +126,15 @@ def test_replacing_a_batch_never_duplicates_rows(tmp_path: Path):
     assert (first.images, first.replaced_images) == (4, 0)
     assert (second.images, second.replaced_images) == (4, 4)
     assert count == 4
+
+
+def test_a_failed_replacement_keeps_what_was_stored(tmp_path: Path):
+    path = tmp_path / "b1.parquet"
+    landing_frame([good(i) for i in range(4)]).write_parquet(path)
+    batch = validate_batch(path, read_landing_file(path), ValidationRules())
+    broken = type(batch)(batch.batch_id, batch.images.with_columns(pl.lit(None, pl.Utf8).alias("content_hash")), batch.quarantined)
+    with warehouse.connect(tmp_path / "w.duckdb") as connection:
+        warehouse.replace_batch(connection, batch)
+        with pytest.raises(Exception, match="NOT NULL"):
+            warehouse.replace_batch(connection, broken)  # fails after the delete, inside the transaction
+        assert connection.execute("SELECT count(*) FROM raw_images WHERE content_hash IS NOT NULL").fetchone()[0] == 4

@@ -69,6 +69,18 @@ def connect(path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConn
         connection.close()
 
 
+@contextmanager
+def transaction(connection: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """All or nothing: committed when the block ends, rolled back if anything in it fails."""
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
 def existing_keys(
     connection: duckdb.DuckDBPyConnection, batch_id: str, image_ids: list[str], content_hashes: list[str]
 ) -> tuple[set[str], set[str]]:
@@ -98,8 +110,7 @@ def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch) 
     """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there."""
     images = batch.images.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
     quarantined = batch.quarantined.to_arrow()  # noqa: F841
-    connection.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(connection):
         replaced = connection.execute(
             "SELECT count(*) FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id}
         ).fetchone()[0]
@@ -107,10 +118,6 @@ def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch) 
         connection.execute("DELETE FROM quarantined_images WHERE batch_id = $batch", {"batch": batch.batch_id})
         connection.execute("INSERT INTO raw_images BY NAME SELECT *, now() AS ingested_at FROM images")
         connection.execute("INSERT INTO quarantined_images BY NAME SELECT *, now() AS quarantined_at FROM quarantined")
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
     return LoadCounts(batch.images.height, batch.quarantined.height, replaced)
 
 
@@ -118,16 +125,11 @@ def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> i
     """Replace `raw_labels` (and the label files' quarantine rows) in one transaction."""
     rows = labels.labels.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
     quarantined = labels.quarantined.to_arrow()  # noqa: F841
-    connection.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(connection):
         connection.execute("DELETE FROM raw_labels")
         connection.execute("DELETE FROM quarantined_images WHERE batch_id LIKE 'labels/%'")
         connection.execute("INSERT INTO raw_labels BY NAME SELECT * FROM rows")
         connection.execute("INSERT INTO quarantined_images BY NAME SELECT *, now() AS quarantined_at FROM quarantined")
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
     return labels.labels.height
 
 
