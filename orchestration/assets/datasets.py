@@ -1,6 +1,7 @@
 """FFCV datasets: one `.beton` per split of `training_examples`, rewritten only when its rows changed."""
 
 import json
+import os
 
 import dagster as dg
 import polars as pl
@@ -47,7 +48,9 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
                 "rewritten": True,
             }
     manifest = {split: {k: v for k, v in info.items() if k != "rewritten"} for split, info in splits.items()}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    partial = manifest_path.with_name(f".{manifest_path.name}.partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, manifest_path)
     value = {"dir": str(flywheel.ffcv), "resolution": flywheel.resolution, "splits": manifest}
     summary = pl.DataFrame(
         [{"split": s, "examples": i["examples"], "batches": len(i["batches"]), "rewritten": i["rewritten"]} for s, i in splits.items()]
