@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from orchestration.assets.transformation import dbt_models
 from orchestration.io_manager import stored_values
 from orchestration.jobs import monitor_job, retrain_job
 from orchestration.policy import decide
@@ -33,6 +34,16 @@ def _latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str |
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1
     ).records
     return records[0].timestamp if records else 0.0
+
+
+# Evaluates the dbt models' eager automation conditions: they rebuild once ingestion has landed rows.
+transform_on_ingestion = dg.AutomationConditionSensorDefinition(
+    "transform_on_ingestion",
+    target=dg.AssetSelection.assets(dbt_models),
+    default_status=SENSOR_STATUS,
+    minimum_interval_seconds=30,
+    description="Runs dbt (the transform step) after ingestion or a label load, through the models' eager conditions.",
+)
 
 
 @dg.sensor(

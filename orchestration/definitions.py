@@ -9,7 +9,13 @@ from orchestration.assets.ingestion import ingest_batch, raw_labels
 from orchestration.assets.monitoring import drift_report
 from orchestration.assets.training import trained_model
 from orchestration.assets.transformation import dbt_models, dbt_resource
-from orchestration.automation import drift_sensor, monitoring_sensor, retraining_schedule, run_failure_recorder
+from orchestration.automation import (
+    drift_sensor,
+    monitoring_sensor,
+    retraining_schedule,
+    run_failure_recorder,
+    transform_on_ingestion,
+)
 from orchestration.checks import evaluation_gate, export_gate
 from orchestration.io_manager import JsonIOManager
 from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job
@@ -32,7 +38,7 @@ defs = dg.Definitions(
     ],
     asset_checks=[evaluation_gate, export_gate],
     jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job, full_loop_job],
-    sensors=[landing_sensor, monitoring_sensor, drift_sensor, run_failure_recorder],
+    sensors=[landing_sensor, transform_on_ingestion, monitoring_sensor, drift_sensor, run_failure_recorder],
     schedules=[retraining_schedule],
     resources={
         "flywheel": flywheel,

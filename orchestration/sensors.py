@@ -61,7 +61,8 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) 
         dg.RunRequest(job_name=ingest_job.name, partition_key=batch_id, run_key=f"{batch_id}@{signature}")
         for batch_id, signature in changed
     ]
-    if next_cursor["labels"] and next_cursor["labels"] != cursor.get("labels"):
+    # Also on the very first tick, label files or not: the dbt models wait for raw_labels to exist.
+    if next_cursor["labels"] != cursor.get("labels"):
         run_requests.append(dg.RunRequest(job_name=labels_job.name, run_key=f"labels@{next_cursor['labels']}"))
     return dg.SensorResult(
         run_requests=run_requests,

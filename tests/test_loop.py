@@ -57,7 +57,7 @@ class Loop:
         self.execute([dg.RunRequest()], "transform")
         monitors = self.tick(monitoring_sensor)
         self.execute(monitors, "monitor")
-        return [r.partition_key for r in requests]
+        return [r.partition_key for r in requests if r.job_name == "ingest"]
 
 
 def held_out_drifted(home: Path) -> tuple[np.ndarray, np.ndarray]:

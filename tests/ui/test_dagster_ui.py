@@ -117,7 +117,7 @@ def test_the_ui_shows_the_graph_launches_a_run_and_shows_the_champion(dagster_de
 
         # Sensors and the schedule are there.
         page.goto(f"{dagster_dev}/automation")
-        for name in ("landing_sensor", "monitoring_sensor", "drift_sensor", "retraining_schedule"):
+        for name in ("landing_sensor", "transform_on_ingestion", "monitoring_sensor", "drift_sensor", "retraining_schedule"):
             expect(page.get_by_text(name, exact=True).first).to_be_visible()
         page.screenshot(path=shots / "3-automation.png")
 
