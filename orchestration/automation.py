@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from orchestration.assets.transformation import dbt_models
+from orchestration.instance import latest_materialization
 from orchestration.io_manager import stored_values
 from orchestration.jobs import monitor_job, retrain_job
 from orchestration.policy import decide
@@ -30,10 +31,8 @@ def retraining_active(instance: dg.DagsterInstance) -> bool:
 
 
 def _latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> float:
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1
-    ).records
-    return records[0].timestamp if records else 0.0
+    record = latest_materialization(instance, asset, partition)
+    return record.timestamp if record else 0.0
 
 
 # Evaluates the dbt models' eager automation conditions: they rebuild once ingestion has landed rows.

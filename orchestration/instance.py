@@ -30,6 +30,17 @@ def dagster_home(flywheel_root: Path) -> Path:
     return home
 
 
+def latest_materialization(
+    instance: dg.DagsterInstance, asset: str, partition: str | None = None
+) -> dg.EventLogRecord | None:
+    """The latest materialization of an asset (of one partition), or None."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    return records[0] if records else None
+
+
 def get_instance(flywheel_root: Path) -> dg.DagsterInstance:
     os.environ["DAGSTER_HOME"] = str(dagster_home(flywheel_root))
     return dg.DagsterInstance.get()

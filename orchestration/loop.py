@@ -6,6 +6,7 @@ from typing import Callable
 
 import dagster as dg
 
+from orchestration.instance import latest_materialization
 from orchestration.policy import RetrainingDecision, decide
 from orchestration.resources import FlywheelHome
 from training.registry import Registry
@@ -45,13 +46,8 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
 
 def _last_metadata(instance: dg.DagsterInstance, asset: str, entry: str, partition: str | None = None):
     """A metadata value of the asset's latest materialization (of one partition), or None."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
-        limit=1,
-    ).records
-    if not records:
-        return None
-    value = records[0].asset_materialization.metadata.get(entry)
+    record = latest_materialization(instance, asset, partition)
+    value = record.asset_materialization.metadata.get(entry) if record else None
     return value.value if value else None
 
 
