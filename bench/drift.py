@@ -38,7 +38,7 @@ def ingest_seconds(size: int) -> tuple[float, pl.DataFrame]:
                 path, read_landing_file(path), ValidationRules(),
                 lambda ids, hashes: warehouse.existing_keys(connection, "bench", ids, hashes),
             )
-            warehouse.replace_batch(connection, batch)
+            warehouse.replace_batch(connection, batch, fingerprint="bench")
             elapsed = time.perf_counter() - started
         return elapsed, batch.images.select(STAT_COLUMNS)
 

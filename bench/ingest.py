@@ -45,7 +45,7 @@ def ingest(home: Path, path: Path) -> None:
             path, read_landing_file(path), ValidationRules(),
             lambda ids, hashes: warehouse.existing_keys(connection, path.stem, ids, hashes),
         )
-        warehouse.replace_batch(connection, batch)
+        warehouse.replace_batch(connection, batch, fingerprint="bench")
 
 
 def dbt_build(home: Path) -> None:
@@ -94,7 +94,7 @@ def throughput(size: int) -> tuple[float, float]:
                     landing_file, read_landing_file(landing_file), ValidationRules(),
                     lambda ids, hashes: warehouse.existing_keys(connection, landing_file.stem, ids, hashes),
                 )
-                warehouse.replace_batch(connection, batch)
+                warehouse.replace_batch(connection, batch, fingerprint="bench")
                 elapsed = time.perf_counter() - started
         return len(images) / elapsed, decode
 

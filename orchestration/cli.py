@@ -39,27 +39,41 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from orchestration.run_lock import exclusive_run
+    from orchestration.settings import SettingsError, load_settings
+
+    if args.config and args.select:
+        raise UserError("--config applies to a loop tick; with --select, set values in the Dagster UI's launchpad")
+    try:
+        args.settings = load_settings(Path(args.config)) if args.config else {}
+    except SettingsError as error:
+        raise UserError(str(error)) from None
+    flywheel = _flywheel()
+    with exclusive_run(flywheel.root, wait=not args.no_wait, log=lambda message: print(message, file=sys.stderr)):
+        _run_locked(args, flywheel)
+
+
+def _run_locked(args: argparse.Namespace, flywheel: FlywheelHome) -> None:
     from orchestration.definitions import defs
-    from orchestration.instance import get_instance
-    from orchestration.loop import run_tick
+    from orchestration.instance import get_instance, process_tags
+    from orchestration.loop import failure_message, recover_abandoned_runs, run_tick
+    from training.registry import Registry
     from orchestration.summary import print_tick_summary
 
-    flywheel = _flywheel()
     instance = get_instance(flywheel.root)
     if args.select:
+        recover_abandoned_runs(instance, Registry(flywheel.registry), print)
         import dagster as dg
 
         result = dg.materialize(
-            list(defs.assets), selection=args.select, instance=instance,
-            resources=defs.resources, partition_key=args.partition, raise_on_error=False,
+            list(defs.assets), selection=args.select, instance=instance, resources=defs.resources,
+            partition_key=args.partition, raise_on_error=False, tags=process_tags(),
         )
-        from orchestration.loop import failure_message
-
         if not result.success:
             raise UserError(f"materializing {args.select!r} failed: {failure_message(result)}")
         print(f"materialized {args.select}")
         return
-    report = run_tick(defs, instance, flywheel)
+    report = run_tick(defs, instance, flywheel, settings=args.settings)
     print_tick_summary(report, flywheel)
     if report.failed:
         sys.exit(1)
@@ -81,9 +95,9 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     from training.registry import Registry
 
     registry = Registry(_flywheel().registry)
-    before = registry.champion()
+    before = registry.champion_pointer()
     after = registry.rollback(to=args.to)
-    print(f"champion: {before.version if before else 'none'} -> {after.version}")
+    print(f"champion: {before or 'none'} -> {after.version}")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -116,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="one tick of the loop: ingest, transform, monitor, retrain if needed")
     run.add_argument("--select", help="materialize this Dagster asset selection instead of a loop tick")
     run.add_argument("--partition", help="batch id to materialize with --select for partitioned assets")
+    run.add_argument("--config", help="YAML file of settings per asset, e.g. `trained_model: {epochs: 12}`")
+    run.add_argument("--no-wait", action="store_true",
+                     help="if another flywheel run is working on this data root, stop instead of queueing behind it")
     run.set_defaults(handler=cmd_run)
 
     predict = commands.add_parser("predict", help="score landing parquet files or image files with the champion (int8)")
@@ -135,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from orchestration.loop import TickFailed
+    from orchestration.run_lock import RunInProgress
     from training.registry import RegistryError
     from transforms.landing import LandingFileError
 
     try:
         args.handler(args)
-    except (UserError, TickFailed, RegistryError, LandingFileError, FileNotFoundError) as error:
+    except (UserError, TickFailed, RunInProgress, RegistryError, LandingFileError, FileNotFoundError) as error:
         print(f"flywheel {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
 

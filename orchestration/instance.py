@@ -2,6 +2,7 @@
 webserver and daemon, so every run shows up in the UI."""
 
 import os
+import socket
 from pathlib import Path
 
 import dagster as dg
@@ -39,6 +40,45 @@ def latest_materialization(
         limit=1,
     ).records
     return records[0] if records else None
+
+
+# Tags of every run `flywheel run` executes in its own process, so a later tick can tell whether the
+# process behind a run that never finished is gone.
+PID_TAG, HOST_TAG = "flywheel/pid", "flywheel/host"
+UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+def process_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Runs of a `flywheel run` process that died (killed, crashed) stay "started" and keep their
+    pool slots, which would block every later run of the pool: mark them failed and free the slots.
+    Returns their run ids. (Runs the daemon launches are watched by its run monitoring instead.)"""
+    records = instance.get_run_records(
+        dg.RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: socket.gethostname()})
+    )
+    abandoned = []
+    for record in records:
+        run = record.dagster_run
+        pid = int(run.tags[PID_TAG])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        instance.report_run_failed(run, f"the flywheel run process (pid {pid}) executing this run ended without finishing it")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        abandoned.append(run.run_id)
+    return abandoned
 
 
 def get_instance(flywheel_root: Path) -> dg.DagsterInstance:

@@ -6,12 +6,14 @@ from typing import Callable
 
 import dagster as dg
 
-from orchestration.instance import latest_materialization
+from orchestration.io_manager import stored_values
+from orchestration.instance import fail_abandoned_runs, latest_materialization, process_tags
 from orchestration.policy import RetrainingDecision, decide
 from orchestration.resources import FlywheelHome
-from training.registry import Registry
+from orchestration.settings import run_config
+from training.registry import Registry, RegistryError
 from transforms.labels import label_files_signature
-from transforms.landing import LandingFileError, batch_id_of, file_sha256
+from transforms.landing import LandingFileError, batch_id_of, file_sha256, landed_files
 
 
 # Dagster's console logger at INFO: the assets' own messages, without per-event debug lines.
@@ -29,6 +31,7 @@ class TickReport:
     failed: dict[str, str] = field(default_factory=dict)
     drift: dict[str, dict] = field(default_factory=dict)
     decision: RetrainingDecision | None = None
+    idle: str | None = None
     champion_before: str | None = None
     champion_after: str | None = None
     candidate: dict | None = None
@@ -40,7 +43,13 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
             data = event.step_failure_data
             if data.user_failure_data and data.user_failure_data.description:
                 return data.user_failure_data.description
-            return data.error.message.strip() if data.error else "step failed"
+            if data.error is None:
+                return "step failed"
+            # The innermost cause is the user's problem; the outer layers are Dagster's wrappers.
+            error = data.error
+            while error.cause is not None:
+                error = error.cause
+            return error.message.strip()
     return "run failed"
 
 
@@ -51,19 +60,42 @@ def _last_metadata(instance: dg.DagsterInstance, asset: str, entry: str, partiti
     return value.value if value else None
 
 
+def recover_abandoned_runs(instance: dg.DagsterInstance, registry: Registry, log: Callable[[str], None]) -> None:
+    """Runs whose `flywheel run` process died: failed, pool slots freed, unpublished exports removed."""
+    for run_id in fail_abandoned_runs(instance):
+        registry.discard_staging(run_id)
+        log(f"run {run_id} was left unfinished by a flywheel run that died: marked failed, its pool slots freed")
+
+
 def run_tick(
-    defs: dg.Definitions, instance: dg.DagsterInstance, flywheel: FlywheelHome, log: Callable[[str], None] = print
+    defs: dg.Definitions, instance: dg.DagsterInstance, flywheel: FlywheelHome,
+    log: Callable[[str], None] = print, settings: dict[str, dict] | None = None,
 ) -> TickReport:
+    """`settings`: per-op config (orchestration.settings), applied to every job of the tick that runs the op."""
     report = TickReport()
+    tags = process_tags()
+
+    def config(job: dg.JobDefinition) -> dict:
+        return run_config(job, settings or {}, QUIET)
+
     registry = Registry(flywheel.registry)
+    recover_abandoned_runs(instance, registry, log)
     champion = registry.champion()
+    if champion is not None:
+        try:
+            champion.verify()
+        except RegistryError as error:
+            raise TickFailed(f"{error}. Nothing was changed; restore a good champion with `flywheel rollback --to VERSION`") from None
     report.champion_before = champion.version if champion else None
 
-    for path in sorted(flywheel.landing.glob("*.parquet")):
+    for path in landed_files(flywheel.landing):
         try:
             report.landed.append(batch_id_of(path))
         except LandingFileError as error:
             report.failed[path.name] = str(error)
+    if not report.landed and not flywheel.warehouse.exists():
+        report.idle = f"nothing has landed in {flywheel.landing} yet: put batch files there (`flywheel simulate` writes some)"
+        return report
     instance.add_dynamic_partitions("batches", report.landed)
     new = [
         b for b in report.landed
@@ -73,7 +105,9 @@ def run_tick(
     ingest = defs.resolve_job_def("ingest")
     for batch_id in new:
         log(f"ingesting batch {batch_id}")
-        result = ingest.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, run_config=QUIET)
+        result = ingest.execute_in_process(
+            instance=instance, partition_key=batch_id, raise_on_error=False, run_config=config(ingest), tags=tags
+        )
         if result.success:
             report.ingested.append(batch_id)
         else:
@@ -82,19 +116,23 @@ def run_tick(
     labels_changed = label_files_signature(flywheel.labels) != (_last_metadata(instance, "raw_labels", "files_signature") or "")
     if labels_changed:
         log("loading late labels")
-        result = defs.resolve_job_def("load_labels").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
+        job = defs.resolve_job_def("load_labels")
+        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=config(job), tags=tags)
         if not result.success:
             raise TickFailed(f"loading labels failed (run {result.run_id}): {failure_message(result)}")
     if report.ingested or labels_changed:
         log("transforming with dbt")
-        result = defs.resolve_job_def("transform").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
+        job = defs.resolve_job_def("transform")
+        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=config(job), tags=tags)
         if not result.success:
             raise TickFailed(f"dbt build failed (run {result.run_id}): {failure_message(result)}")
 
     def monitor(batches: list[str]) -> None:
         job = defs.resolve_job_def("monitor")
         for batch_id in batches:
-            result = job.execute_in_process(instance=instance, partition_key=batch_id, raise_on_error=False, run_config=QUIET)
+            result = job.execute_in_process(
+                instance=instance, partition_key=batch_id, raise_on_error=False, run_config=config(job), tags=tags
+            )
             if result.success:
                 report.drift[batch_id] = result.output_for_node("drift_report")
             else:
@@ -102,10 +140,16 @@ def run_tick(
 
     if champion is not None:
         monitor(report.ingested)
-    report.decision = decide(champion.card() if champion else None, list(report.drift.values()))
+    # Every batch's latest report, not only this tick's: a drift that an earlier tick's retraining
+    # failed to answer (killed, crashed) is answered now.
+    report.decision = decide(champion.card() if champion else None, stored_values(flywheel, "drift_report"))
     if report.decision.retrain:
         log(f"retraining: {'; '.join(report.decision.reasons)}")
-        result = defs.resolve_job_def("retrain").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
+        job = defs.resolve_job_def("retrain")
+        result = job.execute_in_process(
+            instance=instance, raise_on_error=False, run_config=config(job),
+            tags={**tags, "flywheel/reason": "; ".join(report.decision.reasons)},
+        )
         failed_gates = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
         if not result.success and not failed_gates:
             raise TickFailed(f"retraining failed (run {result.run_id}): {failure_message(result)}")

@@ -29,8 +29,8 @@ class FlywheelHome(dg.ConfigurableResource):
     """The data root and the facts about the data every stage must agree on."""
 
     home: str = Field("", description="Data root; empty means $FLYWHEEL_HOME, else .flywheel in the repository.")
-    num_classes: int = Field(10, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
-    resolution: int = Field(32, description="Square training and serving resolution in pixels.")
+    num_classes: int = Field(10, ge=2, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
+    resolution: int = Field(32, ge=8, le=1024, description="Square training and serving resolution in pixels.")
 
     @property
     def root(self) -> Path:
@@ -75,14 +75,14 @@ class TrainingCompute(dg.ConfigurableResource):
     this changes (see the README's scale-out guide)."""
 
     accelerator: str = Field("auto", description="auto: cuda when present, else cpu.")
-    devices: str = Field("auto", description="Processes per node: a number, or auto (all GPUs, else 1).")
-    num_nodes: int = Field(1, description="Nodes taking part; >1 needs rdzv_endpoint.")
-    node_rank: int = Field(0, description="This node's rank when num_nodes > 1.")
+    devices: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*)$", description="Processes per node: a number, or auto (all GPUs, else 1).")
+    num_nodes: int = Field(1, ge=1, description="Nodes taking part; >1 needs rdzv_endpoint.")
+    node_rank: int = Field(0, ge=0, description="This node's rank when num_nodes > 1.")
     rdzv_endpoint: str = Field("", description="host:port of the rendezvous for multi-node training.")
     strategy: str = Field("auto", description="Lightning strategy; auto is ddp when several processes run.")
     precision: str = Field("", description="Empty picks per accelerator (32-true on CPU, bf16-mixed on GPUs).")
     compile: bool = Field(False, description="torch.compile the network.")
-    num_workers: int = Field(2, description="FFCV loader threads per process.")
+    num_workers: int = Field(2, ge=1, description="FFCV loader threads per process.")
 
     def processes_per_node(self) -> int:
         if self.devices != "auto":
@@ -105,7 +105,8 @@ class TrainingCompute(dg.ConfigurableResource):
         }
 
     def torchrun_command(self, config_path: Path) -> list[str]:
-        command = [environment_executable("python"), "-m", "torch.distributed.run", f"--nproc-per-node={self.processes_per_node()}"]
+        # torch.distributed.run (torchrun), launched so that it dies with the step that started it.
+        command = [environment_executable("python"), "-m", "training.distributed_run", f"--nproc-per-node={self.processes_per_node()}"]
         if self.num_nodes > 1:
             command += [
                 f"--nnodes={self.num_nodes}",

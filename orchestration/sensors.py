@@ -12,7 +12,7 @@ from orchestration.jobs import ingest_job, labels_job
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
 from transforms.labels import label_files_signature
-from transforms.landing import LandingFileError, batch_id_of
+from transforms.landing import LandingFileError, batch_id_of, landed_files
 
 # A file modified this recently may still be being copied in; it is picked up on a later tick.
 SETTLE_SECONDS = 5.0
@@ -28,7 +28,7 @@ def scan_landing(flywheel: FlywheelHome, cursor: dict, now: float) -> tuple[list
     Pure of Dagster so the rule can be tested alone."""
     changed, skipped = [], []
     seen = dict(cursor.get("batches", {}))
-    for path in sorted(flywheel.landing.glob("*.parquet")):
+    for path in landed_files(flywheel.landing):
         try:
             batch_id = batch_id_of(path)
         except LandingFileError as error:

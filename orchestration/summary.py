@@ -52,6 +52,8 @@ def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
     print()
     print("== flywheel run ==")
     print(f"landed {len(report.landed)} batch(es); ingested now: {', '.join(report.ingested) or 'none'}")
+    if report.idle:
+        print(report.idle)
     for name, message in report.failed.items():
         print(f"FAILED {name}: {message}")
     if report.drift:

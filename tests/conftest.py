@@ -72,3 +72,33 @@ def trained_weights(digits_splits: dict, tmp_path_factory: pytest.TempPathFactor
         )
     )
     return Path(result.weights_path)
+
+
+def write_servable_files(folder: Path, logits_bias: float = 0.0) -> Path:
+    """The three model files of a registry version, tiny but real: ONNX graphs that ONNX Runtime
+    serves under the contract (uint8 `image` [N, 2, 2, 3] -> float `logits` [N, 10]) and safetensors."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.torch import save_file
+
+    weights = np.full((12, 10), 0.01, np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("Flatten", ["pixels"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["product"]),
+            helper.make_node("Add", ["product", "bias"], ["logits"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 2, 2, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(np.full(10, logits_bias, np.float32), "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    for name in ("model.onnx", "model.int8.onnx"):
+        onnx.save(model, str(folder / name))
+    save_file({"weights": torch.from_numpy(weights)}, str(folder / "weights.safetensors"))
+    return folder

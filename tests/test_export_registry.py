@@ -10,6 +10,8 @@ from training.evaluate import load_classifier, onnx_session, predict_onnx
 from training.export import ExportGatePolicy, export_candidate, export_gate
 from training.registry import CARD_FILE, Registry, RegistryError
 
+from tests.conftest import write_servable_files
+
 
 @pytest.fixture(scope="module")
 def exported(trained_weights: Path, digits_splits: dict, tmp_path_factory: pytest.TempPathFactory):
@@ -45,10 +47,7 @@ def test_onnx_takes_any_batch_size(exported):
 
 
 def staged(registry: Registry, name: str) -> Path:
-    folder = registry.staging_dir(name)
-    for file in ("model.onnx", "model.int8.onnx", "weights.safetensors"):
-        (folder / file).write_bytes(b"x")
-    return folder
+    return write_servable_files(registry.staging_dir(name))
 
 
 def test_publish_creates_immutable_numbered_versions(tmp_path: Path):

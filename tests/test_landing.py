@@ -101,7 +101,7 @@ def test_truncated_parquet_file_fails_with_file_and_cause(tmp_path: Path):
     path = tmp_path / "cut.parquet"
     landing_frame([good(i) for i in range(20)]).write_parquet(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(LandingFileError, match="not a readable parquet"):
+    with pytest.raises(LandingFileError, match="ends before the parquet footer .*still being copied"):
         read_landing_file(path)
 
 
@@ -120,8 +120,8 @@ def test_replacing_a_batch_never_duplicates_rows(tmp_path: Path):
     landing_frame([good(i) for i in range(4)]).write_parquet(path)
     batch = validate_batch(path, read_landing_file(path), ValidationRules())
     with warehouse.connect(tmp_path / "w.duckdb") as connection:
-        first = warehouse.replace_batch(connection, batch)
-        second = warehouse.replace_batch(connection, batch)
+        first = warehouse.replace_batch(connection, batch, fingerprint="test")
+        second = warehouse.replace_batch(connection, batch, fingerprint="test")
         count = connection.execute("SELECT count(*) FROM raw_images").fetchone()[0]
     assert (first.images, first.replaced_images) == (4, 0)
     assert (second.images, second.replaced_images) == (4, 4)
@@ -134,7 +134,7 @@ def test_a_failed_replacement_keeps_what_was_stored(tmp_path: Path):
     batch = validate_batch(path, read_landing_file(path), ValidationRules())
     broken = type(batch)(batch.batch_id, batch.images.with_columns(pl.lit(None, pl.Utf8).alias("content_hash")), batch.quarantined)
     with warehouse.connect(tmp_path / "w.duckdb") as connection:
-        warehouse.replace_batch(connection, batch)
+        warehouse.replace_batch(connection, batch, fingerprint="test")
         with pytest.raises(Exception, match="NOT NULL"):
-            warehouse.replace_batch(connection, broken)  # fails after the delete, inside the transaction
+            warehouse.replace_batch(connection, broken, fingerprint="test")  # fails after the delete, inside the transaction
         assert connection.execute("SELECT count(*) FROM raw_images WHERE content_hash IS NOT NULL").fetchone()[0] == 4

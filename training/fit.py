@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from training.config import ComputeConfig, FitConfig
 from training.data import FFCVDataModule
+from training.distributed_run import die_with_parent
 from training.model import LitClassifier
 from training.registry import load_weights
 from training.tracking import wandb_mode
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a flywheel classifier on FFCV datasets (run under torchrun).")
     parser.add_argument("config", type=Path, help="FitConfig as JSON")
     args = parser.parse_args(argv)
+    die_with_parent()
     config = FitConfig.model_validate_json(args.config.read_text())
 
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes

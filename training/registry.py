@@ -17,7 +17,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 VERSION_PATTERN = re.compile(r"v(\d{4,})")
@@ -61,6 +63,30 @@ class ModelVersion:
         except (OSError, json.JSONDecodeError) as error:
             raise RegistryError(f"model card {card_path} is unreadable: {error}") from None
 
+    def inference_session(self, file: str = INT8_FILE) -> ort.InferenceSession:
+        """An ONNX Runtime session on one of the version's models, checked against the ONNX contract."""
+        path = self.path / file
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise RegistryError(f"{self.version}: {path} is not a loadable ONNX model ({reason})") from None
+        inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        if inputs != ["image"] or outputs != ["logits"]:
+            raise RegistryError(f"{self.version}: {path} takes {inputs} and returns {outputs}, not image -> logits")
+        return session
+
+    def verify(self) -> None:
+        """Raise RegistryError naming the first file of the version that cannot be used as served."""
+        self.card()
+        for file in (FP32_FILE, INT8_FILE):
+            self.inference_session(file)
+        try:
+            with safe_open(str(self.weights), framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors raises SafetensorError, OSError...
+            raise RegistryError(f"{self.version}: {self.weights} is not readable safetensors ({error})") from None
+
 
 class Registry:
     def __init__(self, root: Path):
@@ -101,20 +127,36 @@ class Registry:
             _fsync(self.root)
             return ModelVersion(version, self.root / version)
 
+    def champion_pointer(self) -> str | None:
+        """The version name the champion pointer holds, unchecked."""
+        pointer = self.root / CHAMPION_FILE
+        return pointer.read_text().strip() if pointer.exists() else None
+
     def champion(self) -> ModelVersion | None:
         pointer = self.root / CHAMPION_FILE
-        if not pointer.exists():
+        version = self.champion_pointer()
+        if version is None:
             return None
-        version = pointer.read_text().strip()
         try:
             return self.get(version)
         except RegistryError as error:
             raise RegistryError(f"the champion pointer {pointer} names {version!r}, which is unusable: {error}") from None
 
+    def find(self, fingerprint: str) -> ModelVersion | None:
+        """The version published from inputs with this fingerprint (card `lineage.inputs_fingerprint`)."""
+        for version in self.versions():
+            if version.card().get("lineage", {}).get("inputs_fingerprint") == fingerprint:
+                return version
+        return None
+
     def promote(self, version: str, reason: str) -> ModelVersion:
-        """Make `version` the champion: write the pointer beside it, fsync, then rename over it."""
+        """Make `version` the champion: check that ONNX Runtime serves it, write the pointer beside
+        the old one, fsync, then rename over it. Promoting the champion again changes nothing."""
         model = self.get(version)
-        previous = self.champion()
+        model.verify()
+        previous = self.champion_pointer()
+        if previous == version:
+            return model
         pointer = self.root / CHAMPION_FILE
         partial = self.root / f".{CHAMPION_FILE}.partial"
         with open(partial, "w") as handle:
@@ -124,20 +166,20 @@ class Registry:
         os.replace(partial, pointer)
         _fsync(self.root)
         with open(self.root / HISTORY_FILE, "a") as history:
-            history.write(json.dumps({"champion": version, "previous": previous.version if previous else None, "reason": reason}) + "\n")
+            history.write(json.dumps({"champion": version, "previous": previous, "reason": reason}) + "\n")
         return model
 
     def rollback(self, to: str | None = None) -> ModelVersion:
         """Make `to`, or else the champion the current one replaced, the champion again."""
-        current = self.champion()
+        current = self.champion_pointer()
         if to is None:
             if current is None:
                 raise RegistryError("there is no champion to roll back from")
-            replaced = [h["previous"] for h in self.history() if h["champion"] == current.version and h["previous"]]
+            replaced = [h["previous"] for h in self.history() if h["champion"] == current and h["previous"]]
             if not replaced:
-                raise RegistryError(f"{current.version} replaced no earlier champion: there is nothing to roll back to")
+                raise RegistryError(f"{current} replaced no earlier champion: there is nothing to roll back to")
             to = replaced[-1]
-        return self.promote(to, reason=f"rollback from {current.version if current else 'none'}")
+        return self.promote(to, reason=f"rollback from {current or 'none'}")
 
     def history(self) -> list[dict]:
         path = self.root / HISTORY_FILE
@@ -147,10 +189,14 @@ class Registry:
 
     def staging_dir(self, name: str) -> Path:
         """A fresh hidden folder inside the registry (same filesystem, so publish can rename it)."""
+        self.discard_staging(name)
         path = self.root / f".staging-{name}"
-        shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
+
+    def discard_staging(self, name: str) -> None:
+        """Remove what an export that never published left behind (it is never read as a version)."""
+        shutil.rmtree(self.root / f".staging-{name}", ignore_errors=True)
 
 
 def _fsync(directory: Path) -> None:

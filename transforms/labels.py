@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from transforms.landing import IMAGE_ID_PATTERN, QUARANTINE_SCHEMA
+from transforms.landing import IMAGE_ID_PATTERN, QUARANTINE_SCHEMA, landed_files
 
 LABELS_SCHEMA = {"image_id": pl.Utf8, "label": pl.Int64, "label_file": pl.Utf8, "labeled_at": pl.Datetime("us", "UTC")}
 
@@ -26,7 +26,7 @@ def label_files_signature(folder: Path) -> str:
     """Names, times and sizes of the label files: it changes whenever a file is added, replaced or removed."""
     if not folder.is_dir():
         return ""
-    return ",".join(f"{p.name}={p.stat().st_mtime_ns}:{p.stat().st_size}" for p in sorted(folder.glob("*.parquet")))
+    return ",".join(f"{p.name}={p.stat().st_mtime_ns}:{p.stat().st_size}" for p in landed_files(folder))
 
 
 def _problem(quarantine_id: str, path: Path, row: int, image_id: str | None, reason: str, text: str) -> dict:
@@ -37,7 +37,7 @@ def _problem(quarantine_id: str, path: Path, row: int, image_id: str | None, rea
 
 
 def read_label_files(folder: Path, num_classes: int) -> LabelSet:
-    files = sorted(folder.glob("*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
+    files = sorted(landed_files(folder), key=lambda p: (p.stat().st_mtime_ns, p.name))
     frames, problems = [], []
     for order, path in enumerate(files):
         quarantine_id = f"labels/{path.stem}"

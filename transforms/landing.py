@@ -9,8 +9,9 @@ with a machine-readable reason and a message naming the file, the row and the ca
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from transforms.images import STAT_COLUMNS, ImageRejected, decode_image, image_s
 BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
 REQUIRED_COLUMNS = ("image_id", "image", "label", "captured_at")
+PARQUET_MAGIC = b"PAR1"  # a parquet file starts and ends with it
 
 # Machine-readable quarantine reasons, each with the sentence a person reads.
 REASONS = {
@@ -61,6 +63,12 @@ def check_batch_id(batch_id: str) -> str:
     return batch_id
 
 
+def landed_files(landing: Path) -> list[Path]:
+    """The landing folder's batch files. Names starting with "." are copies in progress (the way
+    rsync and `flywheel simulate` write: a hidden name, renamed when complete), never read."""
+    return sorted(path for path in landing.glob("*.parquet") if not path.name.startswith("."))
+
+
 def batch_id_of(path: Path) -> str:
     if path.suffix != ".parquet":
         raise LandingFileError(f"{path}: landing files must end in .parquet")
@@ -88,8 +96,19 @@ def read_landing_file(path: Path) -> pl.DataFrame:
     """Read a landing file and check its columns, or raise LandingFileError naming file and cause."""
     if not path.is_file():
         raise LandingFileError(f"{path}: landing file does not exist")
+    if not path.resolve().is_relative_to(path.parent.resolve()):
+        raise LandingFileError(f"{path}: links to {path.resolve()}, outside the landing folder; refusing to read it")
     if path.stat().st_size == 0:
         raise LandingFileError(f"{path}: landing file is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(0, path.stat().st_size - 4))
+        tail = handle.read(4)
+    if head == PARQUET_MAGIC and tail != PARQUET_MAGIC:
+        raise LandingFileError(
+            f"{path}: not a readable parquet file: it ends before the parquet footer (damaged, or still being "
+            "copied? It is ingested once complete; copy under a name starting with '.' and rename it to avoid this)"
+        )
     try:
         frame = pl.read_parquet(path)
     except Exception as error:  # polars raises several types for damaged files
@@ -238,6 +257,11 @@ def validate_batch(
         images=_accepted_images(batch_id, accepted, decoded, extra_columns),
         quarantined=quarantined.cast(QUARANTINE_SCHEMA),
     )
+
+
+def ingestion_fingerprint(file_sha256: str | None, rules: ValidationRules) -> str:
+    """What ingesting a file yields depends on: its bytes (their sha256) and the validation rules."""
+    return hashlib.sha256(f"{file_sha256}|{json.dumps(asdict(rules), sort_keys=True)}".encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

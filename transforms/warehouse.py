@@ -1,11 +1,12 @@
 """The DuckDB warehouse: raw tables written by ingestion, and the reads later stages make.
 
-dbt owns every table but `raw_images`, `quarantined_images` and `raw_labels`. DuckDB allows one
+dbt owns every table but `raw_images`, `quarantined_images`, `raw_labels` and `ingested_files`. DuckDB allows one
 writing process at a time, which the orchestrator guarantees with a concurrency pool of 1.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,13 @@ CREATE TABLE IF NOT EXISTS raw_labels (
     label_file VARCHAR NOT NULL,
     labeled_at TIMESTAMPTZ NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ingested_files (
+    batch_id VARCHAR NOT NULL,
+    fingerprint VARCHAR NOT NULL,
+    accepted BIGINT NOT NULL,
+    quarantined BIGINT NOT NULL,
+    ingested_at TIMESTAMPTZ NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quarantined_images (
     batch_id VARCHAR NOT NULL,
     image_id VARCHAR,
@@ -55,12 +63,43 @@ CREATE TABLE IF NOT EXISTS quarantined_images (
 """
 
 
+class WarehouseBusy(Exception):
+    """Another process kept the warehouse file locked for longer than the caller would wait."""
+
+
+# Within flywheel the concurrency pool keeps writers apart; this wait covers anything outside it
+# (a `dbt build` or a notebook holding the file), which gets a message instead of a lock error.
+LOCK_WAIT_SECONDS = 120.0
+
+
+def _open(path: Path, read_only: bool, wait_seconds: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower():
+                raise
+            if time.monotonic() >= deadline:
+                holder = str(error).partition("Conflicting lock is held in ")[2] or str(error)
+                raise WarehouseBusy(
+                    f"the warehouse {path} stayed locked for {wait_seconds:.0f} s by another process ({holder.strip()}); "
+                    "DuckDB allows one process at a time: run again once it has finished"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 @contextmanager
-def connect(path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    path: Path, read_only: bool = False, wait_seconds: float = LOCK_WAIT_SECONDS
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the warehouse file, waiting up to `wait_seconds` while another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_only and not path.exists():
         raise FileNotFoundError(f"warehouse {path} does not exist yet: ingest a batch first")
-    connection = duckdb.connect(str(path), read_only=read_only)
+    connection = _open(path, read_only, wait_seconds)
     try:
         if not read_only:
             connection.execute(SCHEMA_DDL)
@@ -106,11 +145,26 @@ class LoadCounts:
     replaced_images: int
 
 
-def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch) -> LoadCounts:
-    """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there."""
+def ingested_file(connection: duckdb.DuckDBPyConnection, batch_id: str) -> tuple[str, LoadCounts] | None:
+    """(fingerprint, counts) of the file the batch's stored rows came from, or None."""
+    row = connection.execute(
+        "SELECT fingerprint, accepted, quarantined FROM ingested_files WHERE batch_id = $batch", {"batch": batch_id}
+    ).fetchone()
+    return (row[0], LoadCounts(row[1], row[2], replaced_images=0)) if row else None
+
+
+def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, fingerprint: str) -> LoadCounts:
+    """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there.
+    `fingerprint` (the file's content and the validation rules) is stored with them."""
     images = batch.images.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
     quarantined = batch.quarantined.to_arrow()  # noqa: F841
     with transaction(connection):
+        connection.execute("DELETE FROM ingested_files WHERE batch_id = $batch", {"batch": batch.batch_id})
+        connection.execute(
+            "INSERT INTO ingested_files VALUES ($batch, $fingerprint, $accepted, $quarantined, now())",
+            {"batch": batch.batch_id, "fingerprint": fingerprint, "accepted": batch.images.height,
+             "quarantined": batch.quarantined.height},
+        )
         replaced = connection.execute(
             "SELECT count(*) FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id}
         ).fetchone()[0]

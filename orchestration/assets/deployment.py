@@ -1,6 +1,8 @@
 """Deployment: export to ONNX (fp32 and int8) into an immutable registry version, then promote it
 to champion only when the evaluation gate and the export gate both passed."""
 
+import hashlib
+import json
 import shutil
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -16,14 +18,14 @@ from training.config import ModelConfig
 from training.data import read_beton
 from training.evaluate import TestSet, load_classifier
 from training.export import ExportGatePolicy, export_candidate, export_gate
-from training.registry import WEIGHTS_FILE, Registry
+from training.registry import WEIGHTS_FILE, ModelVersion, Registry
 from training.tracking import log_model_artifact
 
 
 class ExportConfig(dg.Config):
-    max_accuracy_drop: float = Field(0.01, description="int8 may lose at most this much top-1 accuracy vs fp32.")
-    max_size_ratio: float = Field(0.3, description="int8 file at most this fraction of the fp32 file.")
-    max_parity_diff: float = Field(1e-3, description="Largest allowed |torch - ONNX fp32| logit difference.")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="int8 may lose at most this much top-1 accuracy vs fp32.")
+    max_size_ratio: float = Field(0.3, gt=0, description="int8 file at most this fraction of the fp32 file.")
+    max_parity_diff: float = Field(1e-3, gt=0, description="Largest allowed |torch - ONNX fp32| logit difference.")
 
 
 @dg.asset(
@@ -40,13 +42,55 @@ def exported_model(
     trained_model: dict,
     model_evaluation: dict,
 ) -> dg.Output[dict]:
+    registry = Registry(flywheel.registry)
+    # Same training attempt, same comparison and same export settings -> the same version: a re-run
+    # with unchanged inputs publishes nothing new.
+    fingerprint = hashlib.sha256(
+        json.dumps([trained_model["attempt"], model_evaluation["champion_version"], config.model_dump()], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    version = registry.find(fingerprint)
+    artifact_run = None
+    if version is not None:
+        context.log.info(f"{version.version} was exported from these same inputs already; publishing nothing new")
+    else:
+        version = _export_and_publish(context, config, registry, fingerprint, ffcv_datasets, trained_model, model_evaluation)
+        artifact_run = log_model_artifact(version.path, version.version, version.card(), flywheel.root)
+    card = version.card()
+    export, gate = card["export"], card["gates"]["export"]
+    for reason in gate["reasons"]:
+        context.log.info(f"export gate: {reason}")
+    trials = pl.DataFrame(export["int8_recipe_trials"]).sort("latency_ms_batch64")
+    return dg.Output(
+        {"version": version.version, "path": str(version.path), "export_gate": gate},
+        metadata={
+            "version": version.version,
+            "newly_published": artifact_run is not None,
+            "registry_path": dg.MetadataValue.path(str(version.path)),
+            "fp32_bytes": export["fp32_bytes"],
+            "int8_bytes": export["int8_bytes"],
+            "int8_size_ratio": round(export["int8_bytes"] / export["fp32_bytes"], 4),
+            "fp32_test_accuracy": card["metrics"]["test_accuracy_onnx_fp32"],
+            "int8_test_accuracy": card["metrics"]["test_accuracy_int8"],
+            "parity_max_abs_diff": export["parity_max_abs_diff"],
+            "int8_recipe": export["int8_recipe"],
+            "int8_recipe_trials": markdown_table(trials),
+            "wandb_artifact_run": artifact_run or "none (already logged when published)",
+            "export_gate_passed": gate["passed"],
+            "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
+        },
+    )
+
+
+def _export_and_publish(
+    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, fingerprint: str,
+    ffcv_datasets: dict, trained_model: dict, model_evaluation: dict,
+) -> ModelVersion:
     model_config = ModelConfig.model_validate(trained_model["model"])
     network = load_classifier(Path(trained_model["weights_path"]), model_config)
     calibration_images, _ = read_beton(Path(ffcv_datasets["splits"]["val"]["path"]))
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
 
-    registry = Registry(flywheel.registry)
     staging = registry.staging_dir(context.run_id)
     report = export_candidate(
         network, model_config.resolution, calibration_images, test.images, test.labels, staging, config.max_accuracy_drop
@@ -75,6 +119,7 @@ def exported_model(
             "exporter": "torch.onnx.export(dynamo=True)",
             "int8_recipe": report.int8_recipe,
             "int8_recipe_trials": [asdict(t) for t in report.recipe_trials],
+            "settings": config.model_dump(),
         },
         "gates": {
             "evaluation": model_evaluation["gate"],
@@ -88,31 +133,10 @@ def exported_model(
             "code_version": code_version(),
             "wandb_run_id": trained_model["wandb_run_id"],
             "dagster_run_id": context.run_id,
+            "inputs_fingerprint": fingerprint,
         },
     }
-    version = registry.publish(staging, card)
-    artifact_run = log_model_artifact(version.path, version.version, card, flywheel.root)
-    for reason in reasons:
-        context.log.info(f"export gate: {reason}")
-    trials = pl.DataFrame([asdict(t) for t in report.recipe_trials]).sort("latency_ms_batch64")
-    return dg.Output(
-        {"version": version.version, "path": str(version.path), "export_gate": {"passed": passed, "reasons": reasons}},
-        metadata={
-            "version": version.version,
-            "registry_path": dg.MetadataValue.path(str(version.path)),
-            "fp32_bytes": report.fp32_bytes,
-            "int8_bytes": report.int8_bytes,
-            "int8_size_ratio": round(report.size_ratio, 4),
-            "fp32_test_accuracy": report.fp32_accuracy,
-            "int8_test_accuracy": report.int8_accuracy,
-            "parity_max_abs_diff": report.parity_max_abs_diff,
-            "int8_recipe": report.int8_recipe,
-            "int8_recipe_trials": markdown_table(trials),
-            "wandb_artifact_run": artifact_run,
-            "export_gate_passed": passed,
-            "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in reasons)),
-        },
-    )
+    return registry.publish(staging, card)
 
 
 @dg.asset(

@@ -14,9 +14,9 @@ from training.registry import Registry
 
 
 class GateConfig(dg.Config):
-    absolute_floor: float = Field(0.9, description="Test accuracy a first model must reach.")
-    tolerance: float = Field(0.0, description="How far a candidate may trail the champion overall (0: non-regression).")
-    slice_margin: float = Field(0.02, description="How far any batch slice may regress (2 points: noise on an old domain does not block learning a new one).")
+    absolute_floor: float = Field(0.9, ge=0, le=1, description="Test accuracy a first model must reach.")
+    tolerance: float = Field(0.0, ge=0, le=1, description="How far a candidate may trail the champion overall (0: non-regression).")
+    slice_margin: float = Field(0.02, ge=0, le=1, description="How far any batch slice may regress (2 points: noise on an old domain does not block learning a new one).")
 
 
 @dg.asset(

@@ -1,5 +1,7 @@
 """Ingestion: one landing file -> its accepted rows in `raw_images`, its bad rows in `quarantined_images`."""
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
@@ -8,11 +10,14 @@ from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
 from transforms import warehouse
 from transforms.labels import label_files_signature, read_label_files
-from transforms.landing import LandingFileError, file_sha256, ValidationRules, read_landing_file, validate_batch
+from transforms.landing import (
+    LandingFileError, ValidatedBatch, ValidationRules, file_sha256, ingestion_fingerprint, read_landing_file, validate_batch,
+)
 
 
 class IngestConfig(dg.Config):
-    max_pixels: int = Field(4096 * 4096, description="Larger images are quarantined as image_too_large.")
+    max_pixels: int = Field(4096 * 4096, gt=0, description="Larger images are quarantined as image_too_large.")
+    force: bool = Field(False, description="Ingest again even when the file and the rules are unchanged.")
 
 
 @dg.multi_asset(
@@ -35,43 +40,59 @@ class IngestConfig(dg.Config):
 )
 def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywheel: FlywheelHome):
     batch_id = context.partition_key
+    rules = ValidationRules(num_classes=flywheel.num_classes, max_pixels=config.max_pixels)
     try:
         path = flywheel.landing_file(batch_id)
-        frame = read_landing_file(path)
+        sha256 = file_sha256(path) if path.is_file() else None
+        fingerprint = ingestion_fingerprint(sha256, rules)
+        with warehouse.connect(flywheel.warehouse) as connection:
+            stored = warehouse.ingested_file(connection, batch_id)
+            if stored and stored[0] == fingerprint and not config.force:
+                # Already stored from these same bytes under these same rules (by another run, or
+                # a sensor and a `flywheel run` both asked): ingesting again would change nothing.
+                context.log.info(f"{path} is unchanged since it was ingested; nothing to do")
+                yield from _results(path, sha256, stored[1], batch=None)
+                return
+            frame = read_landing_file(path)
+            batch = validate_batch(
+                path, frame, rules, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes)
+            )
+            counts = warehouse.replace_batch(connection, batch, fingerprint)
     except LandingFileError as error:
         # The file is unusable as a whole: fail this partition only, touching nothing stored.
         raise dg.Failure(description=str(error), allow_retries=False) from None
-    rules = ValidationRules(num_classes=flywheel.num_classes, max_pixels=config.max_pixels)
-    with warehouse.connect(flywheel.warehouse) as connection:
-        batch = validate_batch(
-            path, frame, rules, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes)
-        )
-        counts = warehouse.replace_batch(connection, batch)
 
     for message in batch.quarantined["message"].head(20):
         context.log.warning(message)
-    reasons = batch.quarantined.group_by("reason").len().sort("reason")
-    labeled = batch.images["label"].is_not_null().sum()
+    yield from _results(path, sha256, counts, batch)
+
+
+def _results(path: Path, sha256: str, counts: warehouse.LoadCounts, batch: ValidatedBatch | None):
+    """The two materializations; `batch` is None when the stored rows were kept as they were."""
+    details, quarantine_details = {}, {}
+    if batch is not None:
+        reasons = batch.quarantined.group_by("reason").len().sort("reason")
+        details = {
+            "rows_in_file": batch.row_count,
+            "labeled": int(batch.images["label"].is_not_null().sum()),
+            "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
+        }
+        quarantine_details = {"reasons": dg.MetadataValue.json(dict(zip(reasons["reason"], reasons["len"])))}
     yield dg.MaterializeResult(
         asset_key="raw_images",
         metadata={
             "file": dg.MetadataValue.path(str(path)),
-            "file_sha256": file_sha256(path),
-            "rows_in_file": batch.row_count,
+            "file_sha256": sha256,
+            "unchanged": batch is None,
             "accepted": counts.images,
-            "labeled": int(labeled),
             "replaced_rows": counts.replaced_images,
             "dagster/row_count": counts.images,
-            "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
+            **details,
         },
     )
     yield dg.MaterializeResult(
         asset_key="quarantined_images",
-        metadata={
-            "quarantined": counts.quarantined,
-            "dagster/row_count": counts.quarantined,
-            "reasons": dg.MetadataValue.json(dict(zip(reasons["reason"], reasons["len"]))),
-        },
+        metadata={"quarantined": counts.quarantined, "dagster/row_count": counts.quarantined, **quarantine_details},
     )
 
 

@@ -21,12 +21,12 @@ from transforms.images import STAT_COLUMNS
 
 
 class DriftConfig(dg.Config):
-    ks_p_value: float = Field(0.05, description="KS / chi-square: drift when p is below this (references <= small_reference rows).")
-    distance_threshold: float = Field(0.1, description="Normalised Wasserstein / Jensen-Shannon: drift at or above this (larger references).")
-    small_reference: int = Field(1000, description="Reference size up to which the KS and chi-square tests are used.")
-    dataset_drift_share: float = Field(0.5, description="The image statistics drifted when at least this share of features did.")
-    embedding_p_value: float = Field(0.01, description="MMD permutation test: embedding drift when p is below this (stricter: fewer false alarms).")
-    reference_rows: int = Field(1000, description="Training images sampled as the reference for embeddings and predictions.")
+    ks_p_value: float = Field(0.05, gt=0, lt=1, description="KS / chi-square: drift when p is below this (references <= small_reference rows).")
+    distance_threshold: float = Field(0.1, gt=0, description="Normalised Wasserstein / Jensen-Shannon: drift at or above this (larger references).")
+    small_reference: int = Field(1000, ge=0, description="Reference size up to which the KS and chi-square tests are used.")
+    dataset_drift_share: float = Field(0.5, gt=0, le=1, description="The image statistics drifted when at least this share of features did.")
+    embedding_p_value: float = Field(0.01, gt=0, lt=1, description="MMD permutation test: embedding drift when p is below this (stricter: fewer false alarms).")
+    reference_rows: int = Field(1000, ge=10, description="Training images sampled as the reference for embeddings and predictions.")
 
 
 def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: dict, rows: int) -> tuple[np.ndarray, np.ndarray]:

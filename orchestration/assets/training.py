@@ -15,10 +15,10 @@ from training.registry import Registry
 
 
 class TrainingConfig(dg.Config):
-    epochs: int = Field(8, description="Enough for >= 0.95 test accuracy on the digits default.")
-    batch_size: int = Field(64, description="Per process.")
-    learning_rate: float = Field(3e-3, description="Peak of the one-cycle schedule.")
-    width: int = Field(32, description="Channels of the first ResNet stage (~0.3M parameters at 32).")
+    epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
+    batch_size: int = Field(64, ge=1, description="Per process.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak of the one-cycle schedule.")
+    width: int = Field(32, ge=1, description="Channels of the first ResNet stage (~0.3M parameters at 32).")
     seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
     warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
 
