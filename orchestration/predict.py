@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 
 from orchestration.resources import FlywheelHome
-from training.evaluate import onnx_session, predict_onnx
+from training.evaluate import predict_onnx
 from training.registry import Registry, RegistryError
 from transforms.images import ImageRejected, decode_image, resize_rgb
 from transforms.landing import LandingFileError, read_landing_file
@@ -46,7 +46,7 @@ def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome) -> tu
     if champion is None:
         raise RegistryError("there is no champion to predict with: run `flywheel run` first")
     card = champion.card()
-    session = onnx_session(champion.int8)
+    session = champion.inference_session()
     ids, images, problems = [], [], []
     for path in files:
         file_ids, file_images, file_problems = _images_of(path, card["input"]["height"])

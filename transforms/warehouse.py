@@ -145,12 +145,10 @@ class LoadCounts:
     replaced_images: int
 
 
-def ingested_file(connection: duckdb.DuckDBPyConnection, batch_id: str) -> tuple[str, LoadCounts] | None:
-    """(fingerprint, counts) of the file the batch's stored rows came from, or None."""
-    row = connection.execute(
-        "SELECT fingerprint, accepted, quarantined FROM ingested_files WHERE batch_id = $batch", {"batch": batch_id}
-    ).fetchone()
-    return (row[0], LoadCounts(row[1], row[2], replaced_images=0)) if row else None
+def ingested_fingerprint(connection: duckdb.DuckDBPyConnection, batch_id: str) -> str | None:
+    """The fingerprint of the file the batch's stored rows came from, or None."""
+    row = connection.execute("SELECT fingerprint FROM ingested_files WHERE batch_id = $batch", {"batch": batch_id}).fetchone()
+    return row[0] if row else None
 
 
 def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, fingerprint: str) -> LoadCounts:

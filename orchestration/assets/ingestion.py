@@ -1,7 +1,5 @@
 """Ingestion: one landing file -> its accepted rows in `raw_images`, its bad rows in `quarantined_images`."""
 
-from pathlib import Path
-
 import dagster as dg
 from pydantic import Field
 
@@ -11,7 +9,7 @@ from orchestration.resources import FlywheelHome
 from transforms import warehouse
 from transforms.labels import label_files_signature, read_label_files
 from transforms.landing import (
-    LandingFileError, ValidatedBatch, ValidationRules, file_sha256, ingestion_fingerprint, read_landing_file, validate_batch,
+    LandingFileError, ValidationRules, file_sha256, ingestion_fingerprint, read_landing_file, validate_batch,
 )
 
 
@@ -27,12 +25,14 @@ class IngestConfig(dg.Config):
             description="Accepted images of each landed batch, decoded once, with per-image statistics.",
             group_name="ingestion",
             kinds={"polars", "duckdb"},
+            skippable=True,
         ),
         dg.AssetSpec(
             "quarantined_images",
             description="Rows of each batch that failed validation, with a machine-readable reason and a message.",
             group_name="ingestion",
             kinds={"polars", "duckdb"},
+            skippable=True,
         ),
     ],
     partitions_def=batch_partitions,
@@ -46,12 +46,11 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
         sha256 = file_sha256(path) if path.is_file() else None
         fingerprint = ingestion_fingerprint(sha256, rules)
         with warehouse.connect(flywheel.warehouse) as connection:
-            stored = warehouse.ingested_file(connection, batch_id)
-            if stored and stored[0] == fingerprint and not config.force:
+            if warehouse.ingested_fingerprint(connection, batch_id) == fingerprint and not config.force:
                 # Already stored from these same bytes under these same rules (by another run, or
-                # a sensor and a `flywheel run` both asked): ingesting again would change nothing.
+                # a sensor and a `flywheel run` both asked): no rewrite, and no materialization,
+                # so nothing downstream runs again for it.
                 context.log.info(f"{path} is unchanged since it was ingested; nothing to do")
-                yield from _results(path, sha256, stored[1], batch=None)
                 return
             frame = read_landing_file(path)
             batch = validate_batch(
@@ -64,35 +63,27 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
 
     for message in batch.quarantined["message"].head(20):
         context.log.warning(message)
-    yield from _results(path, sha256, counts, batch)
-
-
-def _results(path: Path, sha256: str, counts: warehouse.LoadCounts, batch: ValidatedBatch | None):
-    """The two materializations; `batch` is None when the stored rows were kept as they were."""
-    details, quarantine_details = {}, {}
-    if batch is not None:
-        reasons = batch.quarantined.group_by("reason").len().sort("reason")
-        details = {
-            "rows_in_file": batch.row_count,
-            "labeled": int(batch.images["label"].is_not_null().sum()),
-            "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
-        }
-        quarantine_details = {"reasons": dg.MetadataValue.json(dict(zip(reasons["reason"], reasons["len"])))}
+    reasons = batch.quarantined.group_by("reason").len().sort("reason")
     yield dg.MaterializeResult(
         asset_key="raw_images",
         metadata={
             "file": dg.MetadataValue.path(str(path)),
             "file_sha256": sha256,
-            "unchanged": batch is None,
+            "rows_in_file": batch.row_count,
             "accepted": counts.images,
+            "labeled": int(batch.images["label"].is_not_null().sum()),
             "replaced_rows": counts.replaced_images,
             "dagster/row_count": counts.images,
-            **details,
+            "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
         },
     )
     yield dg.MaterializeResult(
         asset_key="quarantined_images",
-        metadata={"quarantined": counts.quarantined, "dagster/row_count": counts.quarantined, **quarantine_details},
+        metadata={
+            "quarantined": counts.quarantined,
+            "dagster/row_count": counts.quarantined,
+            "reasons": dg.MetadataValue.json(dict(zip(reasons["reason"], reasons["len"]))),
+        },
     )
 
 

@@ -1,8 +1,9 @@
-"""Fault injection with SIGKILL on real processes, one data root through the whole module:
+"""Fault injection with SIGKILL on real processes, one data root through the whole module, in order:
 
-1. `flywheel run` killed between publishing a registry version and flipping the champion pointer;
-2. the export killed while it writes its ONNX files;
-3. a training worker killed mid-epoch inside `flywheel run`.
+1. a training worker killed mid-epoch inside the first `flywheel run`;
+2. the next `flywheel run` (resuming that training) killed between publishing a registry version
+   and flipping the champion pointer;
+3. after a drifted batch lands, the export killed while it writes its ONNX files.
 
 Each time the next run completes, the champion is always servable by ONNX Runtime, and no half
 written file is ever read as a version. Last, nothing any of these processes wrote holds the W&B key."""
@@ -46,55 +47,20 @@ def unfinished_runs(flywheel: Flywheel) -> list:
     return flywheel.instance().get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]))
 
 
-def test_flywheel_run_killed_between_publish_and_pointer_flip(flywheel: Flywheel):
-    registry = registry_of(flywheel)
-    run = flywheel.start(*flywheel.tick_args())
-    kill_when(run, lambda: bool(registry.versions()), what="v0001 was published")
-    assert [v.version for v in registry.versions()] == ["v0001"]
-    assert registry.champion() is None, "the pointer flipped before the kill: the fault was not injected where intended"
-    registry.get("v0001").verify()  # published as a whole, even though never promoted
-    assert len(unfinished_runs(flywheel)) == 1  # the killed run, still "started" and holding its pool slots
-
-    recovery = flywheel.run()
-    assert recovery.returncode == 0, recovery.stdout + recovery.stderr
-    assert "left unfinished by a flywheel run that died" in recovery.stdout
-    assert unfinished_runs(flywheel) == []
-    # Same data, settings and training attempt: the published version is promoted, not re-exported.
-    assert [v.version for v in registry.versions()] == ["v0001"]
-    assert registry.champion().version == "v0001"
-    assert_no_partial_files(flywheel)
-
-
-def test_export_killed_mid_write(flywheel: Flywheel):
-    registry = registry_of(flywheel)
-    before = [v.version for v in registry.versions()]
-    # Evaluating again against the champion v0001 is a new comparison, so the export runs for real.
-    selection = ["run", "--select", "key:model_evaluation or key:exported_model"]
-    export = flywheel.start(*selection)
-    kill_when(export, lambda: any(registry.root.glob(".staging-*/*")), what="the export began writing files")
-    assert [v.version for v in registry.versions()] == before
-    assert registry.champion().version == "v0001"
-    registry.champion().inference_session()
-
-    again = flywheel(*selection)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert [v.version for v in registry.versions()] == before + ["v0002"]
-    assert registry.champion().version == "v0001"  # exported, not promoted: champion_model was not selected
-    assert_no_partial_files(flywheel)
+def new_attempt_checkpointed(checkpoints: Path, before: set[Path]):
+    def condition() -> bool:
+        attempts = set(checkpoints.iterdir()) if checkpoints.exists() else set()
+        return any((a / "checkpoints" / "last.ckpt").exists() for a in attempts - before)
+    return condition
 
 
 def test_training_worker_killed_mid_epoch(flywheel: Flywheel):
     registry = registry_of(flywheel)
-    assert flywheel("simulate", "--batches", "1", "--pool", "holdout", "--drift", "invert", "--prefix", "inverted").returncode == 0
     checkpoints = flywheel.root / "checkpoints"
-    attempts_before = set(checkpoints.iterdir())
-
-    def new_attempt_checkpointed() -> bool:
-        return any((a / "checkpoints" / "last.ckpt").exists() for a in set(checkpoints.iterdir()) - attempts_before)
-
     tick = flywheel.start(*flywheel.tick_args())
     deadline = time.monotonic() + 300
-    while not new_attempt_checkpointed():
+    checkpointed = new_attempt_checkpointed(checkpoints, set())
+    while not checkpointed():
         assert tick.poll() is None and time.monotonic() < deadline, "training never wrote its first checkpoint"
         time.sleep(0.05)
     # The workers (`python [-u] -m training.fit <attempt>/fit_config.json`), not their torchrun agent.
@@ -107,16 +73,45 @@ def test_training_worker_killed_mid_epoch(flywheel: Flywheel):
     # torchrun prints its worker's fate above; the command's last word is one clear line.
     last_line = failed.stderr.strip().splitlines()[-1]
     assert last_line.startswith("flywheel run: retraining failed (run ") and "failed with code" in last_line, last_line
+    assert registry.versions() == [] and registry.champion() is None
+
+
+def test_flywheel_run_killed_between_publish_and_pointer_flip(flywheel: Flywheel):
+    registry = registry_of(flywheel)
+    run = flywheel.start(*flywheel.tick_args())
+    kill_when(run, lambda: bool(registry.versions()), what="v0001 was published")
+    trained = latest_materialization(flywheel.instance(), "trained_model").asset_materialization.metadata
+    assert trained["resumed_from_step"].value > 0  # it continued from the killed worker's checkpoint
+    assert [v.version for v in registry.versions()] == ["v0001"]
+    assert registry.champion() is None, "the pointer flipped before the kill: the fault was not injected where intended"
+    registry.get("v0001").verify()  # published as a whole, even though never promoted
+    assert len(unfinished_runs(flywheel)) == 1  # the killed run, still "started" and holding its pool slots
+
+    recovery = flywheel.run()
+    assert recovery.returncode == 0, recovery.stdout + recovery.stderr
+    assert "left unfinished by a flywheel run that died" in recovery.stdout
+    assert unfinished_runs(flywheel) == []
+    # Same data, settings and training attempt: the published version is promoted, not exported again.
+    assert [v.version for v in registry.versions()] == ["v0001"]
+    assert registry.champion().version == "v0001"
+    assert_no_partial_files(flywheel)
+
+
+def test_export_killed_mid_write(flywheel: Flywheel):
+    registry = registry_of(flywheel)
+    assert flywheel("simulate", "--batches", "1", "--pool", "holdout", "--drift", "invert", "--prefix", "inverted").returncode == 0
+    tick = flywheel.start(*flywheel.tick_args())
+    kill_when(tick, lambda: any(registry.root.glob(".staging-*/*")), what="the export began writing files")
+    assert [v.version for v in registry.versions()] == ["v0001"]
     assert registry.champion().version == "v0001"
     registry.champion().inference_session()
 
-    resumed = flywheel.run()
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "retraining: yes" in resumed.stdout and "drifted" in resumed.stdout
-    trained = latest_materialization(flywheel.instance(), "trained_model").asset_materialization.metadata
-    assert trained["resumed_from_step"].value > 0  # it continued from the killed attempt's checkpoint
+    again = flywheel.run()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "retraining: yes" in again.stdout and "drifted" in again.stdout  # the unanswered drift, answered now
+    assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
     champion = registry.champion()
-    assert champion.version != "v0001" and "inverted-000" in champion.card()["lineage"]["training_batches"]
+    assert champion.version == "v0002" and "inverted-000" in champion.card()["lineage"]["training_batches"]
     assert_no_partial_files(flywheel)
 
 
