@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -23,6 +25,11 @@ def markdown_image(path: Path, title: str) -> dg.MarkdownMetadataValue:
     """An image embedded in markdown, so the Dagster UI shows it inline in the materialization."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
+
+
+def inputs_fingerprint(inputs) -> str:
+    """A short, stable id of JSON-able inputs: equal inputs, equal id (attempt folders, registry reuse)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def code_version() -> str:

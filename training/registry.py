@@ -65,9 +65,11 @@ class ModelVersion:
 
     def inference_session(self, file: str = INT8_FILE) -> ort.InferenceSession:
         """An ONNX Runtime session on one of the version's models, checked against the ONNX contract."""
+        from training.evaluate import onnx_session  # here, not at the top: evaluate imports this module
+
         path = self.path / file
         try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = onnx_session(path)
         except Exception as error:  # ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise RegistryError(f"{self.version}: {path} is not a loadable ONNX model ({reason})") from None

@@ -98,11 +98,12 @@ def read_landing_file(path: Path) -> pl.DataFrame:
         raise LandingFileError(f"{path}: landing file does not exist")
     if not path.resolve().is_relative_to(path.parent.resolve()):
         raise LandingFileError(f"{path}: links to {path.resolve()}, outside the landing folder; refusing to read it")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise LandingFileError(f"{path}: landing file is empty (0 bytes)")
     with open(path, "rb") as handle:
         head = handle.read(4)
-        handle.seek(max(0, path.stat().st_size - 4))
+        handle.seek(max(0, size - 4))
         tail = handle.read(4)
     if head == PARQUET_MAGIC and tail != PARQUET_MAGIC:
         raise LandingFileError(

@@ -1,8 +1,6 @@
 """Deployment: export to ONNX (fp32 and int8) into an immutable registry version, then promote it
 to champion only when the evaluation gate and the export gate both passed."""
 
-import hashlib
-import json
 import shutil
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -12,7 +10,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from orchestration.metadata import code_version, markdown_table
+from orchestration.metadata import code_version, inputs_fingerprint, markdown_table
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
 from training.data import read_beton
@@ -45,7 +43,7 @@ def exported_model(
     registry = Registry(flywheel.registry)
     # Same training attempt and same export settings -> the same files: the version published from
     # them is the answer, so a re-run (or a retry after a crash) publishes nothing new.
-    fingerprint = hashlib.sha256(json.dumps([trained_model["attempt"], config.model_dump()], sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = inputs_fingerprint([trained_model["attempt"], config.model_dump()])
     version = registry.find(fingerprint)
     artifact_run = None
     if version is not None:

@@ -1,13 +1,13 @@
 """Training: torchrun launched through Dagster Pipes, so distributed training runs as its own
 process group (Lightning's DDP launcher would otherwise re-execute Dagster itself)."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from orchestration.metadata import inputs_fingerprint
 from orchestration.resources import FlywheelHome, TrainingCompute
 from training.config import FitConfig, ModelConfig, OptimConfig
 from training.fit import RESULT_FILE
@@ -25,8 +25,7 @@ class TrainingConfig(dg.Config):
 
 def attempt_id(datasets: dict, fit_payload: dict) -> str:
     """Same datasets and same configuration -> same attempt folder, so a re-run resumes it."""
-    digest = hashlib.sha256(json.dumps([datasets["splits"], fit_payload], sort_keys=True).encode())
-    return digest.hexdigest()[:16]
+    return inputs_fingerprint([datasets["splits"], fit_payload])
 
 
 @dg.asset(
