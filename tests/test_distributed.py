@@ -1,6 +1,7 @@
 """DDP on the CPU (gloo, 2 processes) through the very launcher the `trained_model` asset uses."""
 
 import json
+import os
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,7 @@ import hashlib
 
 from orchestration.resources import TrainingCompute
 from training.config import ComputeConfig, FitConfig, ModelConfig, OptimConfig
+from training.distributed_run import FAILURE_FILE_ENV
 from training.fit import RESULT_FILE
 from training.tracking import find_offline_run, read_offline_run
 
@@ -62,3 +64,30 @@ def test_the_offline_wandb_run_holds_config_history_and_summary(trained_weights:
     assert len(val_accuracy) == 6 and len(train_loss) == 6
     assert train_loss[-1] < train_loss[0]
     assert np.isclose(run.summary["best/val_accuracy"], result["val_accuracy"])
+
+
+def test_a_worker_that_crashes_natively_fails_in_one_line_naming_the_signal(tmp_path: Path):
+    worker = tmp_path / "crash.py"
+    worker.write_text("import ctypes\nctypes.string_at(0)  # reads address 0: SIGSEGV\n")
+    failure_file = tmp_path / "failure.txt"
+    command = TrainingCompute(accelerator="cpu", devices="1").torchrun_command(Path("x.json"))
+    launcher = command[: command.index("-m", 2)] + [str(worker)]  # the launcher's flags, our worker
+    completed = subprocess.run(
+        launcher, capture_output=True, text=True, timeout=120, env={**os.environ, FAILURE_FILE_ENV: str(failure_file)}
+    )
+    assert completed.returncode == 1
+    line = completed.stderr.strip().splitlines()[-1]
+    assert line.startswith("training worker rank 0 (pid ") and "killed by signal SIGSEGV (11): a native crash" in line, line
+    assert failure_file.read_text().strip() == line
+
+
+def test_a_worker_exception_fails_in_one_line_naming_it(tmp_path: Path):
+    config = FitConfig(beton_dir=tmp_path / "missing", run_dir=tmp_path / "run", wandb_save_dir=tmp_path)
+    config_path = tmp_path / "fit.json"
+    config_path.write_text(config.model_dump_json())
+    completed = subprocess.run(
+        TrainingCompute(accelerator="cpu", devices="1").torchrun_command(config_path), capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 1
+    line = completed.stderr.strip().splitlines()[-1]
+    assert line.endswith(f"exited with code 1: FileNotFoundError: [Errno 2] No such file or directory: '{tmp_path}/missing/train.beton'"), line

@@ -35,6 +35,28 @@ def test_network_takes_uint8_nhwc_and_returns_logits():
     assert logits.shape == (3, 7) and logits.dtype == torch.float32
 
 
+# Every width below 8 (where oneDNN's kernels change with the channel count), the usual ones, and
+# resolutions at which the nhwc kernel bug of torch 2.13 showed up (see training/model.py).
+WIDTHS = [*range(4, 13), 16, 24, 32, 48, 64]
+RESOLUTIONS = [32, 64]
+
+
+def test_every_width_trains_on_cpu_without_a_native_crash():
+    configurations = [[width, resolution] for width in WIDTHS for resolution in RESOLUTIONS]
+    command = [sys.executable, "-X", "faulthandler", "-m", "tests.training_steps", json.dumps(configurations)]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        stdout, outcome = completed.stdout, (
+            f"died of {signal.Signals(-completed.returncode).name}" if completed.returncode < 0 else f"exited {completed.returncode}"
+        )
+    except subprocess.TimeoutExpired as timeout:  # a hang; subprocess.run SIGKILLs the child
+        stdout, outcome = (timeout.stdout or b"").decode(), "hung for 180 s"
+    done = [[int(w), int(r)] for _, w, r in (line.split() for line in stdout.splitlines() if line.startswith("ok "))]
+    if done != configurations:
+        failing = configurations[len(done)]
+        pytest.fail(f"training width {failing[0]} at {failing[1]} px {outcome}")
+
+
 def test_cpu_precision_defaults_to_32_true():
     assert resolve_precision(ComputeConfig(accelerator="cpu")) == "32-true"
     assert resolve_precision(ComputeConfig(precision="bf16-mixed")) == "bf16-mixed"

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import save_file
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from training.config import ComputeConfig, FitConfig
 from training.data import FFCVDataModule
@@ -184,6 +185,7 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
     return result
 
 
+@record  # a failing rank leaves its exception in torchrun's error file: the launcher's one-line failure
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a flywheel classifier on FFCV datasets (run under torchrun).")
     parser.add_argument("config", type=Path, help="FitConfig as JSON")

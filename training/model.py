@@ -51,7 +51,13 @@ class ImageClassifier(nn.Module):
         self.head = nn.Linear(4 * width, config.num_classes)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
+        # NHWC -> NCHW as a contiguous copy. The permuted view alone has channels_last strides, which
+        # sends every convolution down oneDNN's nhwc kernels; in torch 2.13's oneDNN 3.12 the AVX2
+        # `jit_1x1` backward-weights kernel of a strided 1x1 convolution (the shortcut of a stage) with
+        # fewer than 8 input channels segfaults, corrupts the heap or hangs at >= 32 px (width 4 at
+        # 32 px; widths 4-7 at 64 px). The plain NCHW layout runs oneDNN's blocked kernels, which are
+        # correct for every width (tests/test_training.py runs each one).
+        x = images.permute(0, 3, 1, 2).contiguous(memory_format=torch.contiguous_format).float()
         x = (x / 255.0 - PIXEL_MEAN) / PIXEL_STD
         x = self.stages(self.stem(x))
         return x.mean(dim=(2, 3))

@@ -10,6 +10,7 @@ from pydantic import Field
 from orchestration.metadata import inputs_fingerprint
 from orchestration.resources import FlywheelHome, TrainingCompute
 from training.config import FitConfig, ModelConfig, OptimConfig
+from training.distributed_run import FAILURE_FILE_ENV
 from training.fit import RESULT_FILE
 from training.registry import Registry
 
@@ -18,7 +19,7 @@ class TrainingConfig(dg.Config):
     epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
     batch_size: int = Field(64, ge=1, description="Per process.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak of the one-cycle schedule.")
-    width: int = Field(32, ge=1, description="Channels of the first ResNet stage (~0.3M parameters at 32).")
+    width: int = Field(32, ge=4, description="Channels of the first ResNet stage (~0.3M parameters at 32).")
     seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
     warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
 
@@ -66,9 +67,20 @@ def trained_model(
     config_path.write_text(fit_config.model_dump_json(indent=2))
     context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.torchrun_command(config_path))}")
 
-    invocation = dg.PipesSubprocessClient().run(
-        command=compute.torchrun_command(config_path), context=context, env={"PYTHONUNBUFFERED": "1"}
-    )
+    failure_file = run_dir / "failure.txt"
+    failure_file.unlink(missing_ok=True)
+    try:
+        invocation = dg.PipesSubprocessClient().run(
+            command=compute.torchrun_command(config_path),
+            context=context,
+            env={"PYTHONUNBUFFERED": "1", FAILURE_FILE_ENV: str(failure_file)},
+        )
+    except Exception as error:
+        # The launcher's one line (which worker died, by which signal or exception) instead of
+        # Pipes' "process failed with code 1".
+        if failure_file.exists():
+            raise dg.Failure(description=f"training failed: {failure_file.read_text().strip()}") from error
+        raise
     reported = invocation.get_materialize_result().metadata or {}
     result = json.loads((run_dir / RESULT_FILE).read_text())
     value = {

@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 
 from orchestration.instance import latest_materialization
-from tests.reliability.conftest import WANDB_SECRET, Flywheel, kill_when
+from tests.reliability.conftest import TRAINING_SETTINGS, WANDB_SECRET, Flywheel, kill_when
 from training.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -70,9 +70,10 @@ def test_training_worker_killed_mid_epoch(flywheel: Flywheel):
     subprocess.run(["kill", "-KILL", *workers], check=True)
     failed = flywheel.finish(tick)
     assert failed.returncode == 2
-    # torchrun prints its worker's fate above; the command's last word is one clear line.
+    # torchrun prints its worker's fate above; the command's last word is one line naming the signal.
     last_line = failed.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("flywheel run: retraining failed (run ") and "failed with code" in last_line, last_line
+    assert last_line.startswith("flywheel run: retraining failed (run "), last_line
+    assert "training failed: training worker rank 0 (pid " in last_line and "killed by signal SIGKILL (9)" in last_line, last_line
     assert registry.versions() == [] and registry.champion() is None
 
 
@@ -100,6 +101,10 @@ def test_flywheel_run_killed_between_publish_and_pointer_flip(flywheel: Flywheel
 def test_export_killed_mid_write(flywheel: Flywheel):
     registry = registry_of(flywheel)
     assert flywheel("simulate", "--batches", "1", "--pool", "holdout", "--drift", "invert", "--prefix", "inverted").returncode == 0
+    # This test is about a killed export, not about the promotion gate: here the evaluation gate
+    # admits any candidate, so the export starts whatever the retrained candidate scores on this
+    # machine's CPU (the gate's decisions are tested in tests/test_training.py and tests/test_loop.py).
+    flywheel.settings.write_text(f"{TRAINING_SETTINGS}model_evaluation:\n  tolerance: 1.0\n  slice_margin: 1.0\n")
     tick = flywheel.start(*flywheel.tick_args())
     kill_when(tick, lambda: any(registry.root.glob(".staging-*/*")), what="the export began writing files")
     assert [v.version for v in registry.versions()] == ["v0001"]
