@@ -43,12 +43,20 @@ class Flywheel:
         return dg.DagsterInstance.from_config(str(self.dagster_home))
 
     def start(self, *args: str, **popen) -> subprocess.Popen:
-        return subprocess.Popen(
-            [FLYWHEEL, *args], cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
-        )
+        """The command with its output in files: a pipe that is read only at the end fills up (64 KiB)
+        and blocks the process writing to it, which a test polling for a kill point would wait on."""
+        logs = self.root.parent / "outputs"
+        logs.mkdir(exist_ok=True)
+        number = len(list(logs.glob("*.out")))
+        out, err = logs / f"{number:03d}.out", logs / f"{number:03d}.err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            process = subprocess.Popen([FLYWHEEL, *args], cwd=REPO, env=self.env, stdout=stdout, stderr=stderr, **popen)
+        process.output_files = (out, err)
+        return process
 
     def finish(self, process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
-        stdout, stderr = process.communicate(timeout=timeout)
+        process.wait(timeout=timeout)
+        stdout, stderr = read_output(process)
         self.outputs += [stdout, stderr]
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -70,12 +78,17 @@ def flywheel(tmp_path: Path) -> Flywheel:
     return Flywheel(root)
 
 
+def read_output(process: subprocess.Popen) -> tuple[str, str]:
+    """(stdout, stderr) of a process `Flywheel.start` started."""
+    return tuple(path.read_text() for path in process.output_files)
+
+
 def kill_when(process: subprocess.Popen, condition, timeout: float = 300, what: str = "") -> None:
     """SIGKILL `process` as soon as `condition()` holds (polled every 20 ms)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            stdout, stderr = process.communicate()
+            stdout, stderr = read_output(process)
             raise AssertionError(f"the process ended (code {process.returncode}) before {what}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()

@@ -2,6 +2,7 @@
 no DuckDB lock error reaches anyone, no batch is ingested twice, no two trainings overlap."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,11 +39,11 @@ def step_intervals(instance: dg.DagsterInstance, step_key: str) -> list[tuple[fl
     return sorted(intervals)
 
 
-def wait_for_the_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, timeout: float = 420) -> list:
+def wait_for_the_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, log: Path, timeout: float = 420) -> list:
     """Until the landing sensor has launched its ingestion runs and no run is queued or running."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert daemon.poll() is None, f"the daemon stopped: {daemon.communicate()[0][-3000:]}"
+        assert daemon.poll() is None, f"the daemon stopped: {log.read_text()[-3000:]}"
         sensor_runs = instance.get_run_records(dg.RunsFilter(tags={"dagster/sensor_name": "landing_sensor"}))
         if len([r for r in sensor_runs if r.dagster_run.job_name == "ingest"]) >= 2 and not instance.get_run_records(
             dg.RunsFilter(statuses=ACTIVE)
@@ -52,6 +53,18 @@ def wait_for_the_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, 
     raise AssertionError("the daemon's sensor runs did not finish in time")
 
 
+def stop(daemon: subprocess.Popen) -> None:
+    """Stop the daemon and everything it started (code server, run workers): SIGTERM first, as
+    under `make dev`; SIGKILL to the whole process group if it is not gone within a minute, so no
+    daemon outlives the test and loads the rest of the suite."""
+    os.killpg(daemon.pid, signal.SIGTERM)
+    try:
+        daemon.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+
+
 def test_two_ticks_and_the_sensors_at_once(flywheel: Flywheel):
     assert flywheel("simulate", "--batches", "2", "--size", "200").returncode == 0
     for path in (flywheel.root / "landing").glob("*.parquet"):
@@ -59,18 +72,22 @@ def test_two_ticks_and_the_sensors_at_once(flywheel: Flywheel):
 
     # The instance folder with flywheel's dagster.yaml (pools), as `make dev` prepares it.
     subprocess.run([sys.executable, "-m", "orchestration.instance"], cwd=REPO, env=flywheel.env, check=True)
-    daemon = subprocess.Popen(
-        [str(Path(sys.prefix) / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=REPO, env=flywheel.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    # The daemon and the run workers it starts log to a file: a pipe nobody reads while they run fills
+    # up (64 KiB) and blocks every process writing to it, runs included.
+    daemon_log_path = flywheel.root.parent / "daemon.log"
+    with daemon_log_path.open("w") as daemon_log_file:
+        daemon = subprocess.Popen(
+            [str(Path(sys.prefix) / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=REPO, env=flywheel.env, stdout=daemon_log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         ticks = [flywheel.start(*flywheel.tick_args()) for _ in range(2)]
         results = [flywheel.finish(tick) for tick in ticks]
         instance = flywheel.instance()
-        sensor_runs = wait_for_the_daemon(instance, daemon)
+        sensor_runs = wait_for_the_daemon(instance, daemon, daemon_log_path)
     finally:
-        daemon.terminate()
-        daemon_log, _ = daemon.communicate(timeout=60)
+        stop(daemon)
+    daemon_log = daemon_log_path.read_text()
 
     for result in results:
         assert result.returncode == 0, result.stdout + result.stderr
