@@ -1,4 +1,6 @@
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,15 @@ def write_servable_files(folder: Path, logits_bias: float = 0.0) -> Path:
         onnx.save(model, str(folder / name))
     save_file({"weights": torch.from_numpy(weights)}, str(folder / "weights.safetensors"))
     return folder
+
+
+def stop_process_group(process: subprocess.Popen, grace: float) -> None:
+    """Stop a server started with `start_new_session=True` and everything it started: SIGTERM first,
+    so it shuts down as it would for a user; SIGKILL to the whole group after `grace` seconds, so
+    nothing it started outlives the test and loads the rest of the suite."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -2,7 +2,6 @@
 no DuckDB lock error reaches anyone, no batch is ingested twice, no two trainings overlap."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from tests.conftest import stop_process_group
 from tests.reliability.conftest import REPO, Flywheel
 from training.registry import Registry
 
@@ -53,18 +53,6 @@ def wait_for_the_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, 
     raise AssertionError("the daemon's sensor runs did not finish in time")
 
 
-def stop(daemon: subprocess.Popen) -> None:
-    """Stop the daemon and everything it started (code server, run workers): SIGTERM first, as
-    under `make dev`; SIGKILL to the whole process group if it is not gone within a minute, so no
-    daemon outlives the test and loads the rest of the suite."""
-    os.killpg(daemon.pid, signal.SIGTERM)
-    try:
-        daemon.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(daemon.pid, signal.SIGKILL)
-        daemon.wait()
-
-
 def test_two_ticks_and_the_sensors_at_once(flywheel: Flywheel):
     assert flywheel("simulate", "--batches", "2", "--size", "200").returncode == 0
     for path in (flywheel.root / "landing").glob("*.parquet"):
@@ -86,7 +74,7 @@ def test_two_ticks_and_the_sensors_at_once(flywheel: Flywheel):
         instance = flywheel.instance()
         sensor_runs = wait_for_the_daemon(instance, daemon, daemon_log_path)
     finally:
-        stop(daemon)
+        stop_process_group(daemon, grace=60)
     daemon_log = daemon_log_path.read_text()
 
     for result in results:

@@ -3,7 +3,6 @@ and daemon on a free port, the asset graph with every asset key, a materializati
 the UI, its run, and the champion's metadata. Screenshots land in the test's tmp dir."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import dagster as dg
 import pytest
 
 from orchestration.instance import dagster_home
-from tests.conftest import FAST_TRAINING
+from tests.conftest import FAST_TRAINING, stop_process_group
 from tests.test_pipeline_e2e import DESIGN_ASSET_KEYS
 from transforms.simulate import SimulationSpec, simulate_batches
 
@@ -71,11 +70,7 @@ def dagster_dev(home: Path, monkeypatch: pytest.MonkeyPatch):
     else:
         pytest.fail("dagster dev did not come up within 180 s")
     yield url
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    stop_process_group(process, grace=30)
     log.close()
 
 
