@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from orchestration.assets.deployment import ExportConfig
 from training.config import FitConfig, ModelConfig, OptimConfig
 from training.data import write_beton
-from training.evaluate import load_classifier, onnx_latency_ms, onnx_session
+from training.inference import load_classifier, onnx_latency_ms, onnx_session
 from training.export import export_candidate
 from training.fit import fit
 from transforms.simulate import digits_pool
@@ -41,7 +42,7 @@ def main() -> None:
         result = fit(FitConfig(beton_dir=root, run_dir=root / "run", wandb_save_dir=root, optim=OptimConfig(epochs=args.epochs)))
         network = load_classifier(Path(result.weights_path), ModelConfig())
         test_images, test_labels = rgb[cuts["test"]], labels[cuts["test"]]
-        report = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root)
+        report = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root, ExportConfig().max_accuracy_drop)
 
         figures = {}
         for name, path, accuracy in (("fp32", report.fp32_path, report.fp32_accuracy), ("int8", report.int8_path, report.int8_accuracy)):

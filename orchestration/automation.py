@@ -1,5 +1,6 @@
-"""The loop under the daemon: monitoring after ingestion, retraining on drift, on a schedule, and a
-record of failed runs. Every retraining decision goes through `orchestration.policy.decide`."""
+"""The loop under the daemon (and under `flywheel run`, which evaluates these same sensors):
+monitoring after ingestion, retraining on drift and on a schedule, and a record of failed runs.
+Every retraining decision goes through `orchestration.policy`."""
 
 import json
 import os
@@ -11,11 +12,14 @@ from orchestration.assets.transformation import dbt_models
 from orchestration.instance import latest_materialization
 from orchestration.io_manager import stored_values
 from orchestration.jobs import monitor_job, retrain_job
-from orchestration.policy import decide
+from orchestration.metadata import code_version
+from orchestration.policy import (
+    REASON_TAG, RETRAINING_KEY_TAG, RetrainingDecision, RetrainingPolicy, decide, recall, retraining_active, retraining_key,
+)
 from orchestration.resources import FlywheelHome
+from orchestration.settings import run_settings
 from training.registry import Registry
 
-ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 # When the scheduled retraining runs; cron, overridable per deployment.
 RETRAIN_CRON = os.environ.get("FLYWHEEL_RETRAIN_CRON", "0 3 * * 1")
 # Sensors and the schedule start running with the daemon unless FLYWHEEL_AUTOMATION=stopped (a UI
@@ -23,11 +27,6 @@ RETRAIN_CRON = os.environ.get("FLYWHEEL_RETRAIN_CRON", "0 3 * * 1")
 AUTOMATION_RUNNING = os.environ.get("FLYWHEEL_AUTOMATION", "running") != "stopped"
 SENSOR_STATUS = dg.DefaultSensorStatus.RUNNING if AUTOMATION_RUNNING else dg.DefaultSensorStatus.STOPPED
 SCHEDULE_STATUS = dg.DefaultScheduleStatus.RUNNING if AUTOMATION_RUNNING else dg.DefaultScheduleStatus.STOPPED
-
-
-def retraining_active(instance: dg.DagsterInstance) -> bool:
-    """A retraining queued or running: never queue a second one."""
-    return bool(instance.get_run_records(dg.RunsFilter(job_name=retrain_job.name, statuses=ACTIVE), limit=1))
 
 
 def _latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> float:
@@ -49,50 +48,81 @@ transform_on_ingestion = dg.AutomationConditionSensorDefinition(
     job=monitor_job,
     minimum_interval_seconds=30,
     default_status=SENSOR_STATUS,
-    description="Requests a drift report for every batch ingested (and transformed by dbt) since its last report.",
+    description="Requests a drift report for every batch ingested (and transformed by dbt) whose latest report is "
+    "older than its ingestion or was made against another champion.",
 )
 def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult | dg.SkipReason:
-    if Registry(flywheel.registry).champion() is None:
+    champion = Registry(flywheel.registry).champion()
+    if champion is None:
         return dg.SkipReason("no champion yet: drift is measured against the champion's training data")
     transformed_at = _latest_timestamp(context.instance, "batch_image_stats")
     requests = []
     for batch_id in context.instance.get_dynamic_partitions("batches"):
         ingested_at = _latest_timestamp(context.instance, "raw_images", batch_id)
-        if 0 < ingested_at <= transformed_at and _latest_timestamp(context.instance, "drift_report", batch_id) < ingested_at:
-            requests.append(dg.RunRequest(partition_key=batch_id, run_key=f"monitor-{batch_id}-{ingested_at}"))
+        if not 0 < ingested_at <= transformed_at:
+            continue
+        report = latest_materialization(context.instance, "drift_report", batch_id)
+        against = report.asset_materialization.metadata.get("champion") if report else None
+        if report is None or report.timestamp < ingested_at or against is None or against.value != champion.version:
+            requests.append(dg.RunRequest(
+                partition_key=batch_id, run_key=f"monitor-{batch_id}-{ingested_at}-{champion.version}",
+                run_config=run_settings(flywheel, monitor_job.name),
+            ))
     return dg.SensorResult(run_requests=requests)
+
+
+def latest_drift_reports(instance: dg.DagsterInstance, flywheel: FlywheelHome) -> list[dict]:
+    """The stored report of each batch that is still a partition."""
+    batches = set(instance.get_dynamic_partitions("batches"))
+    return [r for r in stored_values(flywheel, "drift_report") if r["batch_id"] in batches]
+
+
+def retraining_request(
+    instance: dg.DagsterInstance, flywheel: FlywheelHome, policy: RetrainingPolicy, decision: RetrainingDecision,
+    occasion: str = "",
+) -> dg.RunRequest | str:
+    """The retraining run the decision asks for, or why none is launched now (the loop's memory)."""
+    champion = Registry(flywheel.registry).champion()
+    data = latest_materialization(instance, "training_examples")
+    run_config = run_settings(flywheel, retrain_job.name)
+    key = retraining_key(
+        champion.version if champion else None, str(data.storage_id) if data else "none", run_config, code_version(), occasion,
+    )
+    if retraining_active(instance, retrain_job.name):
+        return "a retraining is already queued or running; what it does not answer is answered after it"
+    memory = recall(instance, key, policy.max_attempts)
+    if not memory.launch:
+        return memory.reason
+    reason = "; ".join(decision.reasons)
+    return dg.RunRequest(
+        run_key=f"retrain-{key}-{memory.attempt}", run_config=run_config,
+        tags={RETRAINING_KEY_TAG: key, REASON_TAG: reason[:1000], "flywheel/attempt": str(memory.attempt)},
+    )
 
 
 @dg.sensor(
     job=retrain_job,
     minimum_interval_seconds=30,
     default_status=SENSOR_STATUS,
-    description="Applies the retraining policy to new drift reports (and to having no champion) and requests a "
-    "retraining when it says so, unless one is already queued or running.",
+    description="Applies the retraining policy to the latest drift report of every batch (and to having no "
+    "champion) and requests a retraining when it says so, unless the same retraining already ran or is running.",
 )
-def drift_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult | dg.SkipReason:
-    after = int(context.cursor) if context.cursor else 0
-    new = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("drift_report"), after_storage_id=after), limit=1000, ascending=True
-    ).records
-    cursor = str(max([after] + [r.storage_id for r in new]))
+def drift_sensor(
+    context: dg.SensorEvaluationContext, flywheel: FlywheelHome, retraining_policy: RetrainingPolicy,
+) -> dg.SensorResult | dg.SkipReason:
     champion = Registry(flywheel.registry).champion()
-    new_batches = {r.partition_key for r in new}
-    reports = [r for r in stored_values(flywheel, "drift_report") if r["batch_id"] in new_batches]
-    has_data = bool(context.instance.get_dynamic_partitions("batches")) and _latest_timestamp(context.instance, "training_examples") > 0
+    has_data = latest_materialization(context.instance, "training_examples") is not None
     if champion is None and not has_data:
         return dg.SkipReason("no champion and no transformed data yet")
-    decision = decide(champion.card() if champion else None, reports)
+    reports = latest_drift_reports(context.instance, flywheel)
+    decision = decide(champion.card() if champion else None, reports, retraining_policy.accuracy_margin)
     if not decision.retrain:
-        return dg.SensorResult(skip_reason=f"no retraining needed ({len(reports)} new drift report(s))", cursor=cursor)
-    if retraining_active(context.instance):
-        return dg.SensorResult(skip_reason="a retraining is already queued or running", cursor=cursor)
-    reason = "; ".join(decision.reasons)
-    context.log.info(f"requesting a retraining: {reason}")
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"retrain-{cursor}-{champion.version if champion else 'none'}", tags={"flywheel/reason": reason[:1000]})],
-        cursor=cursor,
-    )
+        return dg.SkipReason(f"no retraining needed ({len(reports)} drift report(s) against {champion.version})")
+    request = retraining_request(context.instance, flywheel, retraining_policy, decision)
+    if isinstance(request, str):
+        return dg.SkipReason(f"retraining wanted ({'; '.join(decision.reasons)}), not launched: {request}")
+    context.log.info(f"requesting a retraining: {request.tags[REASON_TAG]}")
+    return dg.SensorResult(run_requests=[request])
 
 
 @dg.schedule(
@@ -101,12 +131,12 @@ def drift_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) ->
     default_status=SCHEDULE_STATUS,
     description="Retrains on all labeled data on a fixed cadence (weekly by default; FLYWHEEL_RETRAIN_CRON).",
 )
-def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: FlywheelHome):
+def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: FlywheelHome, retraining_policy: RetrainingPolicy):
     champion = Registry(flywheel.registry).champion()
-    decision = decide(champion.card() if champion else None, [], schedule_due=True)
-    if retraining_active(context.instance):
-        return dg.SkipReason("a retraining is already queued or running")
-    return dg.RunRequest(tags={"flywheel/reason": "; ".join(decision.reasons)})
+    decision = decide(champion.card() if champion else None, [], retraining_policy.accuracy_margin, schedule_due=True)
+    occasion = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
+    request = retraining_request(context.instance, flywheel, retraining_policy, decision, occasion)
+    return dg.SkipReason(request) if isinstance(request, str) else request
 
 
 @dg.run_failure_sensor(

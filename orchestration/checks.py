@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-from orchestration.policy import RetrainingPolicy
 
 
 def _gate_result(gate: dict) -> dg.AssetCheckResult:
@@ -16,8 +15,10 @@ def _gate_result(gate: dict) -> dg.AssetCheckResult:
 @dg.asset_check(
     asset="model_evaluation",
     blocking=True,
-    description="The candidate clears the absolute floor (first model), does not trail the champion "
-    "overall on the current test set, and regresses on no batch slice by more than the margin.",
+    description="On paired predictions of the same test images (fp32): a first model clears the absolute floor; "
+    "a candidate is shown not inferior to the champion overall (paired bootstrap bound, margin), regresses "
+    "significantly on no batch or class slice (exact McNemar, Holm across slices), and its calibration does not "
+    "worsen beyond the bound.",
 )
 def evaluation_gate(model_evaluation: dict) -> dg.AssetCheckResult:
     return _gate_result(model_evaluation["gate"])
@@ -31,6 +32,15 @@ def evaluation_gate(model_evaluation: dict) -> dg.AssetCheckResult:
 )
 def export_gate(exported_model: dict) -> dg.AssetCheckResult:
     return _gate_result(exported_model["export_gate"])
+
+
+@dg.asset_check(
+    asset="exported_model",
+    blocking=True,
+    description="The served model (int8 ONNX) against the champion's int8 model, by the evaluation gate's rules.",
+)
+def served_model_gate(exported_model: dict) -> dg.AssetCheckResult:
+    return _gate_result(exported_model["served_gate"])
 
 
 # Checks on drift_report are evaluated inside the asset (partitioned assets report checks per partition).
@@ -47,12 +57,12 @@ DRIFT_CHECK_SPECS = [
 ]
 
 
-def drift_check_results(report: dict) -> list[dg.AssetCheckResult]:
+def drift_check_results(report: dict, accuracy_margin: float) -> list[dg.AssetCheckResult]:
     moved = [f["feature"] for f in report["features"] if f["drifted"]]
     if report["predictions"]["drifted"]:
         moved.append("predicted classes")
     accuracy, tested = report["champion_accuracy"], report["champion_test_accuracy"]
-    floor = tested - RetrainingPolicy().accuracy_margin
+    floor = tested - accuracy_margin
     return [
         dg.AssetCheckResult(
             check_name="batch_not_drifted",

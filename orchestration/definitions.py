@@ -16,9 +16,10 @@ from orchestration.automation import (
     run_failure_recorder,
     transform_on_ingestion,
 )
-from orchestration.checks import evaluation_gate, export_gate
+from orchestration.checks import evaluation_gate, export_gate, served_model_gate
 from orchestration.io_manager import JsonIOManager
 from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job
+from orchestration.policy import RetrainingPolicy
 from orchestration.resources import FlywheelHome, TrainingCompute
 from orchestration.sensors import landing_sensor
 
@@ -36,7 +37,7 @@ defs = dg.Definitions(
         champion_model,
         drift_report,
     ],
-    asset_checks=[evaluation_gate, export_gate],
+    asset_checks=[evaluation_gate, export_gate, served_model_gate],
     jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job, full_loop_job],
     sensors=[landing_sensor, transform_on_ingestion, monitoring_sensor, drift_sensor, run_failure_recorder],
     schedules=[retraining_schedule],
@@ -45,5 +46,6 @@ defs = dg.Definitions(
         "compute": TrainingCompute(),
         "dbt": dbt_resource(),
         "io_manager": JsonIOManager(flywheel=flywheel),
+        "retraining_policy": RetrainingPolicy(),
     },
 )

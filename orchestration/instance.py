@@ -45,6 +45,8 @@ def latest_materialization(
 # Tags of every run `flywheel run` executes in its own process, so a later tick can tell whether the
 # process behind a run that never finished is gone.
 PID_TAG, HOST_TAG = "flywheel/pid", "flywheel/host"
+# Set on a run this recovery marked failed: it never got to finish, so it is no failed attempt.
+ABANDONED_TAG = "flywheel/abandoned"
 UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
@@ -75,6 +77,7 @@ def fail_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
         pid = int(run.tags[PID_TAG])
         if pid == os.getpid() or _alive(pid):
             continue
+        instance.add_run_tags(run.run_id, {ABANDONED_TAG: "true"})
         instance.report_run_failed(run, f"the flywheel run process (pid {pid}) executing this run ended without finishing it")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         abandoned.append(run.run_id)

@@ -1,16 +1,43 @@
-"""The retraining policy (DESIGN.md), in one place: used by the sensors, the schedule and `flywheel run`.
+"""The retraining policy and the loop's memory (DESIGN.md), in one place: the drift sensor and the
+schedule apply it, and `flywheel run` evaluates those very sensors.
 
 Retrain when there is no champion; when a batch the champion has not trained on drifted; when the
-champion's accuracy on a batch's new labels falls more than `accuracy_margin` below its test
-accuracy; or when the schedule is due.
+champion's accuracy on a batch's labels falls more than `accuracy_margin` below its test accuracy;
+or when the schedule is due.
+
+The memory is the Dagster instance itself: every retraining run carries the key of what it answers
+and trains on (the champion it would replace, the training data's version, the run settings, the
+code version), and how that run ended decides what happens next. A candidate its gates rejected is
+not trained again until one of those changes; a retraining that ended without a verdict (a crash) is
+tried again, up to `max_attempts` times for the same key, and one whose `flywheel run` process was
+killed is resumed whenever; a retraining that is
+still running is waited for, and whatever arrived meanwhile is answered after it.
 """
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
+import dagster as dg
+from pydantic import Field
 
-@dataclass(frozen=True)
-class RetrainingPolicy:
-    accuracy_margin: float = 0.05  # champion accuracy on new labels may trail its test accuracy by this much
+from orchestration.instance import ABANDONED_TAG
+
+RETRAINING_KEY_TAG = "flywheel/retraining"
+REASON_TAG = "flywheel/reason"
+ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+GATE_CHECKS = ("evaluation_gate", "export_gate", "served_model_gate")
+
+
+class RetrainingPolicy(dg.ConfigurableResource):
+    """The loop's tunables, read by the sensors, the schedule and the drift checks."""
+
+    accuracy_margin: float = Field(
+        0.05, ge=0, le=1, description="Retrain when the champion's accuracy on a batch's new labels falls this far below its test accuracy.",
+    )
+    max_attempts: int = Field(
+        2, ge=1, description="Tries of one retraining (same champion, data, settings and code) that end without a gate verdict.",
+    )
 
 
 @dataclass(frozen=True)
@@ -20,12 +47,9 @@ class RetrainingDecision:
 
 
 def decide(
-    champion_card: dict | None,
-    drift_reports: list[dict],
-    schedule_due: bool = False,
-    policy: RetrainingPolicy = RetrainingPolicy(),
+    champion_card: dict | None, drift_reports: list[dict], accuracy_margin: float, schedule_due: bool = False,
 ) -> RetrainingDecision:
-    """`drift_reports` are `drift_report` values of the batches to consider."""
+    """`drift_reports`: the latest `drift_report` value of each batch."""
     if champion_card is None:
         return RetrainingDecision(True, ["there is no champion yet"])
     trained_on = set(champion_card["lineage"]["training_batches"])
@@ -40,12 +64,63 @@ def decide(
                 f"embedding MMD p={report['embedding']['p_value']:.3f})"
             )
         accuracy = report["champion_accuracy"]
-        floor = champion_card["metrics"]["test_accuracy"] - policy.accuracy_margin
+        floor = champion_card["metrics"]["test_accuracy"] - accuracy_margin
         if accuracy is not None and accuracy < floor:
             reasons.append(
                 f"champion accuracy on batch {batch}'s labels is {accuracy:.3f}, below its test accuracy "
-                f"{champion_card['metrics']['test_accuracy']:.3f} - margin {policy.accuracy_margin}"
+                f"{champion_card['metrics']['test_accuracy']:.3f} - margin {accuracy_margin}"
             )
     if schedule_due:
         reasons.append("the retraining schedule is due")
     return RetrainingDecision(bool(reasons), reasons)
+
+
+def retraining_key(champion: str | None, data_version: str, run_config: dict, code: str, occasion: str = "") -> str:
+    """What a retraining trains on and answers; `occasion` sets apart retrainings the schedule asks for."""
+    inputs = {"champion": champion, "data": data_version, "run_config": run_config, "code": code, "occasion": occasion}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Memory:
+    launch: bool
+    attempt: int  # the attempt to launch, counting from 1
+    reason: str  # why not, when not
+
+
+def _gate_verdict(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The gates that failed in a run (empty when the run never got to a verdict)."""
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return [
+        e.dagster_event.event_specific_data.check_name for e in events
+        if e.dagster_event.event_specific_data.check_name in GATE_CHECKS and not e.dagster_event.event_specific_data.passed
+    ]
+
+
+def recall(instance: dg.DagsterInstance, key: str, max_attempts: int) -> Memory:
+    """Whether the retraining with this key should be launched now, from how earlier runs of it ended."""
+    runs = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(tags={RETRAINING_KEY_TAG: key}))]
+    if any(run.status in ACTIVE for run in runs):
+        return Memory(False, 0, "this retraining is already queued or running")
+    if any(run.status == dg.DagsterRunStatus.SUCCESS for run in runs):
+        return Memory(False, 0, "this retraining already ran and its candidate was promoted")
+    for run in runs:
+        failed_gates = _gate_verdict(instance, run.run_id)
+        if failed_gates:
+            return Memory(False, 0, (
+                f"this retraining already ran (run {run.run_id[:8]}) and its candidate failed the "
+                f"{', '.join(failed_gates)}: waiting for new data, labels, settings or code"
+            ))
+    # A run whose `flywheel run` process was killed never got to finish: it is resumed, not counted.
+    failed = [run for run in runs if run.tags.get(ABANDONED_TAG) != "true"]
+    if len(failed) >= max_attempts:
+        return Memory(False, 0, (
+            f"this retraining failed {len(failed)} times without a gate verdict (last run {failed[0].run_id[:8]}): "
+            "waiting for new data, labels, settings or code"
+        ))
+    return Memory(True, len(runs) + 1, "")
+
+
+def retraining_active(instance: dg.DagsterInstance, job_name: str) -> bool:
+    """A retraining queued or running: never queue a second one."""
+    return bool(instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=ACTIVE), limit=1))

@@ -31,6 +31,10 @@ class FlywheelHome(dg.ConfigurableResource):
     home: str = Field("", description="Data root; empty means $FLYWHEEL_HOME, else .flywheel in the repository.")
     num_classes: int = Field(10, ge=2, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
     resolution: int = Field(32, ge=8, le=1024, description="Square training and serving resolution in pixels.")
+    settings_file: str = Field(
+        "", description="Per-asset run settings (the `flywheel run --config` YAML) that the sensors and the schedule "
+        "put on the runs they request; empty means $FLYWHEEL_HOME/settings.yaml when it exists.",
+    )
 
     @property
     def root(self) -> Path:
@@ -63,6 +67,10 @@ class FlywheelHome(dg.ConfigurableResource):
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def settings(self) -> Path:
+        return Path(self.settings_file) if self.settings_file else self.root / "settings.yaml"
 
     def landing_file(self, batch_id: str) -> Path:
         from transforms.landing import check_batch_id

@@ -1,33 +1,40 @@
-"""Sensors. The landing sensor turns new or changed landing files into batch partitions and
-ingestion runs; its cursor remembers each file's signature, so nothing is ingested twice and
-nothing is skipped when many files land at once."""
+"""The landing sensor: a batch needs ingestion when the fingerprint of its file under the validation
+rules (`transforms.landing.ingestion_fingerprint`, the one the ingestion asset stores) differs from
+the fingerprint its latest `raw_images` materialization recorded; late labels need loading when the
+label files' signature differs from the one `raw_labels` recorded. The decision reads the instance,
+so the daemon and `flywheel run` (which evaluates this sensor) decide the same; the cursor only
+caches each file's sha256 by its mtime and size, so an unchanged file is not hashed again."""
 
 import json
 import time
 
 import dagster as dg
 
+from orchestration.assets.ingestion import IngestConfig, ingestion_rules
 from orchestration.automation import SENSOR_STATUS
+from orchestration.instance import latest_materialization
 from orchestration.jobs import ingest_job, labels_job
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
+from orchestration.settings import run_settings
 from transforms.labels import label_files_signature
-from transforms.landing import LandingFileError, batch_id_of, landed_files
+from transforms.landing import LandingFileError, batch_id_of, file_sha256, ingestion_fingerprint, landed_files
 
 # A file modified this recently may still be being copied in; it is picked up on a later tick.
 SETTLE_SECONDS = 5.0
 
 
-def _signature(stat) -> str:
-    return f"{stat.st_mtime_ns}:{stat.st_size}"
+def recorded(instance: dg.DagsterInstance, asset: str, entry: str, partition: str | None = None):
+    """A metadata value of the asset's latest materialization (of one partition), or None."""
+    record = latest_materialization(instance, asset, partition)
+    value = record.asset_materialization.metadata.get(entry) if record else None
+    return value.value if value else None
 
 
-def scan_landing(flywheel: FlywheelHome, cursor: dict, now: float) -> tuple[list[tuple[str, str]], list[str], dict]:
-    """(new or changed batches with their signature, skipped files with the reason, the next cursor).
-
-    Pure of Dagster so the rule can be tested alone."""
-    changed, skipped = [], []
-    seen = dict(cursor.get("batches", {}))
+def scan_landing(flywheel: FlywheelHome, cursor: dict, now: float) -> tuple[dict[str, str], list[str], dict]:
+    """({batch id: sha256 of its settled file}, skipped files with the reason, the next cursor)."""
+    files, skipped = {}, []
+    hashes = dict(cursor.get("sha256", {}))
     for path in landed_files(flywheel.landing):
         try:
             batch_id = batch_id_of(path)
@@ -38,11 +45,11 @@ def scan_landing(flywheel: FlywheelHome, cursor: dict, now: float) -> tuple[list
         if now - stat.st_mtime < SETTLE_SECONDS:
             skipped.append(f"{path}: modified {now - stat.st_mtime:.1f}s ago, waiting for it to settle")
             continue
-        signature = _signature(stat)
-        if seen.get(batch_id) != signature:
-            changed.append((batch_id, signature))
-            seen[batch_id] = signature
-    return changed, skipped, {"batches": seen, "labels": label_files_signature(flywheel.labels)}
+        signature = f"{stat.st_mtime_ns}:{stat.st_size}"
+        if hashes.get(batch_id, [None])[0] != signature:
+            hashes[batch_id] = [signature, file_sha256(path)]
+        files[batch_id] = hashes[batch_id][1]
+    return files, skipped, {"sha256": {b: hashes[b] for b in files}}
 
 
 @dg.sensor(
@@ -54,18 +61,25 @@ def scan_landing(flywheel: FlywheelHome, cursor: dict, now: float) -> tuple[list
 )
 def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
-    changed, skipped, next_cursor = scan_landing(flywheel, cursor, time.time())
+    files, skipped, next_cursor = scan_landing(flywheel, cursor, time.time())
     for reason in skipped:
         context.log.info(reason)
-    run_requests = [
-        dg.RunRequest(job_name=ingest_job.name, partition_key=batch_id, run_key=f"{batch_id}@{signature}")
-        for batch_id, signature in changed
-    ]
-    # Also on the very first tick, label files or not: the dbt models wait for raw_labels to exist.
-    if next_cursor["labels"] != cursor.get("labels"):
-        run_requests.append(dg.RunRequest(job_name=labels_job.name, run_key=f"labels@{next_cursor['labels']}"))
+    ingest_config = run_settings(flywheel, ingest_job.name)
+    rules = ingestion_rules(flywheel, IngestConfig.model_validate(ingest_config.get("ops", {}).get("ingest_batch", {}).get("config", {})))
+    run_requests = []
+    for batch_id, sha256 in files.items():
+        fingerprint = ingestion_fingerprint(sha256, rules)
+        if recorded(context.instance, "raw_images", "ingestion_fingerprint", batch_id) != fingerprint:
+            run_requests.append(dg.RunRequest(
+                job_name=ingest_job.name, partition_key=batch_id, run_key=f"{batch_id}@{fingerprint[:16]}", run_config=ingest_config,
+            ))
+    # Also before any label file exists: the dbt models wait for raw_labels to exist.
+    labels = label_files_signature(flywheel.labels)
+    if recorded(context.instance, "raw_labels", "files_signature") != labels:
+        run_requests.append(dg.RunRequest(job_name=labels_job.name, run_key=f"labels@{labels}", run_config=run_settings(flywheel, labels_job.name)))
+    new_batches = [b for b in files if not context.instance.has_dynamic_partition("batches", b)]
     return dg.SensorResult(
         run_requests=run_requests,
-        dynamic_partitions_requests=[batch_partitions.build_add_request([b for b, _ in changed])] if changed else [],
+        dynamic_partitions_requests=[batch_partitions.build_add_request(new_batches)] if new_batches else [],
         cursor=json.dumps(next_cursor),
     )

@@ -4,7 +4,7 @@ launchpad takes, e.g.
     trained_model:
       epochs: 12
     model_evaluation:
-      slice_margin: 0.03
+      non_inferiority_margin: 0.01
 
 Validated as a whole before anything runs, so a bad value is a one-line message, not a failed run."""
 
@@ -19,6 +19,7 @@ from orchestration.assets.evaluation import GateConfig
 from orchestration.assets.ingestion import IngestConfig
 from orchestration.assets.monitoring import DriftConfig
 from orchestration.assets.training import TrainingConfig
+from orchestration.resources import FlywheelHome
 
 # Op name (the asset, or the multi-asset that writes it) -> its config class.
 CONFIG_CLASSES: dict[str, type[dg.Config]] = {
@@ -57,6 +58,13 @@ def load_settings(path: Path) -> dict[str, dict]:
             problems = "; ".join(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
             raise SettingsError(f"{path}: {problems}") from None
     return settings
+
+
+def run_settings(flywheel: FlywheelHome, job_name: str) -> dict:
+    """The run config of the settings file (if any) for the ops of this job: what sensors request."""
+    from orchestration.definitions import defs  # here: the definitions import the sensors, which import this
+
+    return run_config(defs.resolve_job_def(job_name), load_settings(flywheel.settings) if flywheel.settings.exists() else {}, {})
 
 
 def run_config(job: dg.JobDefinition, settings: dict[str, dict], base: dict) -> dict:

@@ -6,9 +6,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from orchestration.cli import main
+from flywheel.cli import main
+from orchestration.assets.deployment import ExportConfig
 from training.config import ModelConfig
-from training.evaluate import load_classifier
+from training.inference import load_classifier
 from training.export import export_candidate
 from training.registry import WEIGHTS_FILE, Registry
 
@@ -25,7 +26,7 @@ def champion(home: Path, trained_weights: Path, digits_splits: dict) -> Path:
     registry = Registry(home / "registry")
     staging = registry.staging_dir("test")
     network = load_classifier(trained_weights, ModelConfig(width=32))
-    report = export_candidate(network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"], digits_splits["labels"]["test"], staging)
+    report = export_candidate(network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"], digits_splits["labels"]["test"], staging, ExportConfig().max_accuracy_drop)
     shutil.copyfile(trained_weights, staging / WEIGHTS_FILE)
     card = {
         "input": {"height": 32, "width": 32},

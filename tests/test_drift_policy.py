@@ -1,7 +1,7 @@
 import numpy as np
 import polars as pl
 
-from orchestration.policy import decide
+from orchestration.policy import RetrainingPolicy, decide
 from transforms.drift import DriftPolicy, dataset_drift, feature_drift
 
 
@@ -25,6 +25,9 @@ def test_large_references_use_normalised_wasserstein():
     assert 0.4 < result.statistic < 0.6
 
 
+MARGIN = RetrainingPolicy().accuracy_margin
+
+
 def card(version: str = "v0001", batches=("a",), accuracy: float = 0.98) -> dict:
     return {"version": version, "lineage": {"training_batches": list(batches)}, "metrics": {"test_accuracy": accuracy}}
 
@@ -37,14 +40,14 @@ def report(batch: str, drift: bool = False, accuracy: float | None = None, champ
 
 
 def test_policy_retrains_without_a_champion_on_drift_and_on_an_accuracy_drop():
-    assert decide(None, []).retrain
-    assert not decide(card(), [report("b")]).retrain
-    assert decide(card(), [report("b", drift=True)]).retrain
-    assert decide(card(), [report("b", accuracy=0.80)]).retrain
-    assert not decide(card(), [report("b", accuracy=0.95)]).retrain
-    assert decide(card(), [], schedule_due=True).retrain
+    assert decide(None, [], MARGIN).retrain
+    assert not decide(card(), [report("b")], MARGIN).retrain
+    assert decide(card(), [report("b", drift=True)], MARGIN).retrain
+    assert decide(card(), [report("b", accuracy=0.80)], MARGIN).retrain
+    assert not decide(card(), [report("b", accuracy=0.95)], MARGIN).retrain
+    assert decide(card(), [], MARGIN, schedule_due=True).retrain
 
 
 def test_policy_ignores_batches_the_champion_trained_on_and_reports_on_other_champions():
-    assert not decide(card(batches=("a", "b")), [report("b", drift=True)]).retrain
-    assert not decide(card(), [report("b", drift=True, champion="v0000")]).retrain
+    assert not decide(card(batches=("a", "b")), [report("b", drift=True)], MARGIN).retrain
+    assert not decide(card(), [report("b", drift=True, champion="v0000")], MARGIN).retrain

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from training.config import ModelConfig
-from training.evaluate import load_classifier, onnx_session, predict_onnx
-from training.export import ExportGatePolicy, export_candidate, export_gate
+from training.inference import load_classifier, onnx_session, predict_onnx
+from orchestration.assets.deployment import ExportConfig
+from training.export import export_candidate, export_gate
 from training.registry import CARD_FILE, Registry, RegistryError
 
 from tests.conftest import write_servable_files
@@ -19,7 +20,7 @@ def exported(trained_weights: Path, digits_splits: dict, tmp_path_factory: pytes
     folder = tmp_path_factory.mktemp("export")
     report = export_candidate(
         network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"],
-        digits_splits["labels"]["test"], folder,
+        digits_splits["labels"]["test"], folder, ExportConfig().max_accuracy_drop,
     )
     return folder, report
 
@@ -29,13 +30,13 @@ def test_onnx_export_matches_torch_and_int8_passes_the_export_gate(exported):
     assert report.parity_max_abs_diff < 1e-3
     assert report.accuracy_drop <= 0.01 + 1e-9  # at most one of the 100 test images
     assert report.size_ratio <= 0.3
-    passed, reasons = export_gate(report, ExportGatePolicy())
+    passed, reasons = export_gate(report, ExportConfig().policy())
     assert passed, reasons
 
 
 def test_export_gate_fails_when_the_limits_are_not_met(exported):
     _, report = exported
-    passed, reasons = export_gate(report, ExportGatePolicy(max_size_ratio=0.01))
+    passed, reasons = export_gate(report, ExportConfig(max_size_ratio=0.01).policy())
     assert not passed and any(r.startswith("FAILED: int8 size") for r in reasons)
 
 

@@ -157,7 +157,9 @@ def test_late_labels_attach_through_dbt_and_the_split_never_moves(home: Path):
     assert query(home, "SELECT DISTINCT label_source FROM training_examples") == [("label_file",)]
 
 
-def test_landing_sensor_requests_each_new_or_changed_file_once(home: Path):
+def test_landing_sensor_requests_each_new_or_changed_file_until_it_is_ingested(home: Path):
+    from orchestration.definitions import defs
+
     resources = resources_for(home)
     instance = dg.DagsterInstance.ephemeral()
     landed, _ = simulate_batches(home / "landing", SimulationSpec(batches=5, batch_size=5))
@@ -168,25 +170,43 @@ def test_landing_sensor_requests_each_new_or_changed_file_once(home: Path):
 
     def evaluate(cursor: str | None) -> dg.SensorResult:
         with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"flywheel": resources["flywheel"]}) as context:
-            return landing_sensor(context)
+            result = landing_sensor(context)
+        for request in result.dynamic_partitions_requests or []:  # as the daemon applies them
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return result
+
+    def execute(requests: list[dg.RunRequest]) -> None:
+        for request in requests:
+            job = defs.resolve_job_def(request.job_name)
+            assert job.execute_in_process(instance=instance, partition_key=request.partition_key).success
 
     first = evaluate(None)
     assert sorted(r.partition_key for r in first.run_requests if r.job_name == "ingest") == [p.stem for p in landed]
     assert [r.job_name for r in first.run_requests if r.job_name != "ingest"] == ["load_labels"]  # first tick: raw_labels exists
     assert first.dynamic_partitions_requests[0].partition_keys == [p.stem for p in landed]
-    second = evaluate(first.cursor)
+    # Not ingested yet: asked again under the same run keys, which Dagster runs once.
+    again = evaluate(first.cursor)
+    assert {r.run_key for r in again.run_requests} == {r.run_key for r in first.run_requests}
+    execute(first.run_requests)
+    second = evaluate(again.cursor)
     assert second.run_requests == []
 
-    os.utime(landed[2], (old + 1, old + 1))  # the file was replaced
+    os.utime(landed[2], (old + 1, old + 1))  # touched, same bytes: nothing new to ingest
+    assert evaluate(second.cursor).run_requests == []
+    simulate_batches(home / "landing", SimulationSpec(batches=5, batch_size=5, offset=100), overwrite=True)
+    for path in landed:
+        os.utime(path, (old + 2, old + 2))
     fresh = home / "landing" / "still-copying.parquet"
     fresh.write_bytes(b"PAR1")  # modified just now: not picked up until it settles
     third = evaluate(second.cursor)
-    assert [r.partition_key for r in third.run_requests] == [landed[2].stem]
-    assert len({r.run_key for r in first.run_requests + third.run_requests}) == 7
+    assert sorted(r.partition_key for r in third.run_requests) == [p.stem for p in landed]  # other bytes
+    assert len({r.run_key for r in first.run_requests + third.run_requests}) == 11
+    execute(third.run_requests)
 
     labels = home / "landing" / "labels"
     labels.mkdir()
     pl.DataFrame({"image_id": ["x"], "label": [1]}).write_parquet(labels / "l.parquet")
     fourth = evaluate(third.cursor)
     assert [r.job_name for r in fourth.run_requests] == ["load_labels"]
+    execute(fourth.run_requests)
     assert evaluate(fourth.cursor).run_requests == []

@@ -8,10 +8,10 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from orchestration.checks import evaluation_gate, export_gate
+from orchestration.checks import evaluation_gate, export_gate, served_model_gate
 from orchestration.definitions import defs
 from tests.conftest import FAST_TRAINING, resources_for
-from training.evaluate import onnx_session, predict_onnx
+from training.inference import onnx_session, predict_onnx
 from training.registry import Registry
 from transforms.simulate import SimulationSpec, simulate_batches
 
@@ -55,13 +55,15 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
 
     retrain = assets("ffcv_datasets", "trained_model", "model_evaluation", "exported_model", "champion_model")
     loop = dg.materialize(
-        [*retrain, evaluation_gate, export_gate],
+        [*retrain, evaluation_gate, export_gate, served_model_gate],
         resources=resources,
         instance=instance,
         run_config={"ops": {"trained_model": {"config": FAST_TRAINING}}},
     )
     assert loop.success
-    assert {c.check_name: c.passed for c in loop.get_asset_check_evaluations()} == {"evaluation_gate": True, "export_gate": True}
+    assert {c.check_name: c.passed for c in loop.get_asset_check_evaluations()} == {
+        "evaluation_gate": True, "export_gate": True, "served_model_gate": True,
+    }
     trained = loop.output_for_node("trained_model")
     assert trained["epochs_completed"] == FAST_TRAINING["epochs"]
     assert trained["training_batches"] == batches
@@ -71,7 +73,7 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     assert champion is not None and champion.version == "v0001"
     card = champion.card()
     assert card["metrics"]["test_accuracy"] >= 0.8, card["metrics"]
-    assert card["gates"]["evaluation"]["passed"] and card["gates"]["export"]["passed"]
+    assert all(card["gates"][gate]["passed"] for gate in ("evaluation", "export", "served"))
     assert card["lineage"]["training_batches"] == batches
     assert card["lineage"]["wandb_run_id"]
     assert card["input"] == {"name": "image", "dtype": "uint8", "layout": "NHWC", "height": 32, "width": 32, "channels": 3}
@@ -101,7 +103,7 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     # A deliberately worse candidate: the blocking evaluation gate stops it before export, and the
     # champion stays.
     worse = dg.materialize(
-        [*retrain, evaluation_gate, export_gate],
+        [*retrain, evaluation_gate, export_gate, served_model_gate],
         resources=resources,
         instance=instance,
         run_config={"ops": {"trained_model": {"config": {"epochs": 1, "width": 4, "learning_rate": 1e-4}}}},

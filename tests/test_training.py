@@ -11,14 +11,8 @@ import torch
 
 from training.config import ComputeConfig, FitConfig, ModelConfig, OptimConfig
 from training.data import read_beton
-from training.evaluate import (
-    GatePolicy,
-    Metrics,
-    classification_metrics,
-    gate_decision,
-    load_classifier,
-    predict_torch,
-)
+from training.evaluate import classification_metrics
+from training.inference import load_classifier, predict_torch
 from training.fit import fit, resolve_precision
 from training.model import ImageClassifier
 
@@ -96,32 +90,6 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(digits_splits: dict,
     assert result.resumed_from_step == killed_at
     assert result.global_step == 30 * 8  # 400 examples / 50 per batch = 8 steps per epoch
     assert result.val_accuracy > 0.5
-
-
-def metrics(accuracy: float, slices: dict[str, float]) -> Metrics:
-    return Metrics(
-        count=100, accuracy=accuracy, macro_f1=accuracy, ece=0.0,
-        slices={name: {"count": 50, "accuracy": value} for name, value in slices.items()},
-    )
-
-
-def test_gate_lets_a_first_model_through_only_above_the_floor():
-    assert gate_decision(metrics(0.95, {}), None, GatePolicy(absolute_floor=0.9)).passed
-    assert not gate_decision(metrics(0.85, {}), None, GatePolicy(absolute_floor=0.9)).passed
-
-
-def test_gate_blocks_a_worse_candidate():
-    champion = metrics(0.95, {"a": 0.95, "b": 0.95})
-    decision = gate_decision(metrics(0.93, {"a": 0.93, "b": 0.93}), champion, GatePolicy())
-    assert not decision.passed and "overall accuracy" in decision.reasons[0]
-
-
-def test_gate_blocks_a_slice_regression_beyond_the_margin_only():
-    champion = metrics(0.90, {"old": 0.95, "new": 0.85})
-    slight = gate_decision(metrics(0.92, {"old": 0.94, "new": 0.90}), champion, GatePolicy(slice_margin=0.02))
-    heavy = gate_decision(metrics(0.92, {"old": 0.90, "new": 0.94}), champion, GatePolicy(slice_margin=0.02))
-    assert slight.passed
-    assert not heavy.passed and any("slice old" in r for r in heavy.reasons)
 
 
 def test_metrics_per_class_confusion_and_slices():

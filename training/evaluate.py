@@ -1,64 +1,17 @@
-"""Evaluation: predictions from a torch or ONNX model, the metrics people read, per-slice metrics,
-the confusion-matrix plot, and the promotion gate."""
+"""Evaluation: the metrics people read, per-slice metrics, the confusion-matrix plot, and the
+candidate against the champion on the same test images through the promotion gate."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from training.config import ModelConfig
-from training.model import ImageClassifier
-from training.registry import load_weights
-
-
-def load_classifier(weights_path: Path, model_config: ModelConfig) -> ImageClassifier:
-    network = ImageClassifier(model_config)
-    network.load_state_dict(load_weights(weights_path))
-    return network.eval()
-
-
-@torch.inference_mode()
-def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    outputs = [network(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return torch.cat(outputs).numpy()
-
-
-@torch.inference_mode()
-def embed_and_predict(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(penultimate-layer embeddings, predicted classes) of the images."""
-    embeddings = [network.embed(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    embedded = torch.cat(embeddings) if embeddings else torch.zeros((0, network.head.in_features))
-    return embedded.numpy(), network.head(embedded).argmax(dim=1).numpy()
-
-
-def onnx_session(model_path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-
-
-def predict_onnx(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    outputs = [session.run(["logits"], {"image": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
-    return np.concatenate(outputs)
-
-
-def onnx_latency_ms(session: ort.InferenceSession, images: np.ndarray, batch_size: int, runs: int = 20) -> float:
-    """Median wall time of one `session.run` on a batch of `batch_size` images, after a warm-up run."""
-    batch = np.resize(images, (batch_size, *images.shape[1:]))
-    session.run(["logits"], {"image": batch})
-    timings = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(["logits"], {"image": batch})
-        timings.append(time.perf_counter() - started)
-    return float(np.median(timings) * 1000)
+from training.gate import GateDecision, GatePolicy, ModelAnswers, promotion_decision
 
 
 @dataclass(frozen=True)
@@ -132,52 +85,6 @@ def confusion_matrix_png(confusion: list[list[int]], path: Path, title: str) -> 
 
 
 @dataclass(frozen=True)
-class GatePolicy:
-    absolute_floor: float = 0.9  # a first model must at least reach this test accuracy
-    tolerance: float = 0.0  # a candidate may trail the champion overall by at most this
-    slice_margin: float = 0.02  # ... and on any batch slice by at most this
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    passed: bool
-    reasons: list[str]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def gate_decision(candidate: Metrics, champion: Metrics | None, policy: GatePolicy) -> GateDecision:
-    """TFX-style non-regression: the candidate must be at least as good as the champion on the same
-    test set, and no slice may regress by more than the margin."""
-    reasons = []
-    if champion is None:
-        passed = candidate.accuracy >= policy.absolute_floor
-        reasons.append(
-            f"first model: test accuracy {candidate.accuracy:.4f} "
-            f"{'>=' if passed else '<'} floor {policy.absolute_floor:.4f}"
-        )
-        return GateDecision(passed, reasons)
-    passed = True
-    if candidate.accuracy + policy.tolerance < champion.accuracy:
-        passed = False
-        reasons.append(
-            f"overall accuracy {candidate.accuracy:.4f} < champion {champion.accuracy:.4f} - tolerance {policy.tolerance}"
-        )
-    else:
-        reasons.append(f"overall accuracy {candidate.accuracy:.4f} vs champion {champion.accuracy:.4f}: ok")
-    for name, champion_slice in champion.slices.items():
-        candidate_slice = candidate.slices.get(name)
-        if candidate_slice and candidate_slice["accuracy"] + policy.slice_margin < champion_slice["accuracy"]:
-            passed = False
-            reasons.append(
-                f"slice {name}: accuracy {candidate_slice['accuracy']:.4f} < champion "
-                f"{champion_slice['accuracy']:.4f} - margin {policy.slice_margin}"
-            )
-    return GateDecision(passed, reasons)
-
-
-@dataclass(frozen=True)
 class TestSet:
     images: np.ndarray
     labels: np.ndarray
@@ -197,11 +104,27 @@ class TestSet:
         return cls(images, labels, slices)
 
 
-def evaluate_torch(weights_path: Path, model_config: ModelConfig, test: TestSet) -> Metrics:
-    logits = predict_torch(load_classifier(weights_path, model_config), test.images)
-    return classification_metrics(logits, test.labels, model_config.num_classes, test.slices)
+def answers(logits: np.ndarray, metrics: Metrics) -> ModelAnswers:
+    return ModelAnswers(predictions=logits.argmax(axis=1), ece=metrics.ece)
 
 
-def evaluate_onnx(model_path: Path, num_classes: int, test: TestSet) -> Metrics:
-    logits = predict_onnx(onnx_session(model_path), test.images)
-    return classification_metrics(logits, test.labels, num_classes, test.slices)
+@dataclass(frozen=True)
+class Evaluation:
+    candidate: Metrics
+    champion: Metrics | None
+    gate: GateDecision
+
+
+def evaluate_candidate(
+    candidate_logits: np.ndarray, champion_logits: np.ndarray | None, test: TestSet, num_classes: int,
+    policy: GatePolicy, model: str,
+) -> Evaluation:
+    """Metrics of the candidate and the champion on the same test images, and the promotion gate's
+    decision on their paired predictions; `model` names the files judged ("fp32", "int8")."""
+    candidate = classification_metrics(candidate_logits, test.labels, num_classes, test.slices)
+    champion = None if champion_logits is None else classification_metrics(champion_logits, test.labels, num_classes, test.slices)
+    decision = promotion_decision(
+        test.labels, test.slices, answers(candidate_logits, candidate),
+        None if champion is None else answers(champion_logits, champion), policy, model,
+    )
+    return Evaluation(candidate, champion, decision)

@@ -19,7 +19,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from training.evaluate import onnx_latency_ms, onnx_session, predict_onnx, predict_torch
+from training.inference import onnx_latency_ms, onnx_session, predict_onnx, predict_torch
 from training.model import ImageClassifier
 
 ONNX_OPSET = 18
@@ -199,7 +199,7 @@ class ExportReport:
 
 def export_candidate(
     network: ImageClassifier, resolution: int, calibration_images: np.ndarray,
-    test_images: np.ndarray, test_labels: np.ndarray, directory: Path, max_accuracy_drop: float = 0.01,
+    test_images: np.ndarray, test_labels: np.ndarray, directory: Path, max_accuracy_drop: float,
 ) -> ExportReport:
     """fp32 ONNX and the fastest int8 recipe that keeps accuracy, in `directory`, with parity and the
     test accuracy of each file."""
@@ -223,9 +223,11 @@ def export_candidate(
 
 @dataclass(frozen=True)
 class ExportGatePolicy:
-    max_accuracy_drop: float = 0.01  # int8 may lose at most 1 top-1 point against fp32
-    max_size_ratio: float = 0.3  # int8 file at most 0.3x the fp32 file
-    max_parity_diff: float = 1e-3  # largest |torch logit - ONNX fp32 logit|
+    """The export gate's limits; their defaults live in `orchestration.assets.deployment.ExportConfig`."""
+
+    max_accuracy_drop: float  # int8 may lose at most this much top-1 accuracy against fp32
+    max_size_ratio: float  # int8 file at most this fraction of the fp32 file
+    max_parity_diff: float  # largest |torch logit - ONNX fp32 logit|
 
 
 def export_gate(report: ExportReport, policy: ExportGatePolicy) -> tuple[bool, list[str]]:

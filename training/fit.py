@@ -29,7 +29,7 @@ from training.config import ComputeConfig, FitConfig
 from training.data import FFCVDataModule
 from training.distributed_run import die_with_parent
 from training.model import LitClassifier
-from training.registry import load_weights
+from training.inference import load_weights
 from training.tracking import wandb_mode
 
 WEIGHTS_FILE = "weights.safetensors"

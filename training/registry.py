@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+
+from training.inference import onnx_session
 
 VERSION_PATTERN = re.compile(r"v(\d{4,})")
 FP32_FILE = "model.onnx"
@@ -33,10 +33,6 @@ HISTORY_FILE = "champion_history.jsonl"
 
 class RegistryError(Exception):
     """A registry that does not hold what it should; the message says what and where."""
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 @dataclass(frozen=True)
@@ -65,8 +61,6 @@ class ModelVersion:
 
     def inference_session(self, file: str = INT8_FILE) -> ort.InferenceSession:
         """An ONNX Runtime session on one of the version's models, checked against the ONNX contract."""
-        from training.evaluate import onnx_session  # here, not at the top: evaluate imports this module
-
         path = self.path / file
         try:
             session = onnx_session(path)

@@ -14,8 +14,10 @@ from orchestration.metadata import code_version, inputs_fingerprint, markdown_ta
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
 from training.data import read_beton
-from training.evaluate import TestSet, load_classifier
+from training.evaluate import TestSet, evaluate_candidate
 from training.export import ExportGatePolicy, export_candidate, export_gate
+from training.gate import GatePolicy
+from training.inference import load_classifier, onnx_session, predict_onnx
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
 from training.tracking import log_model_artifact
 
@@ -24,6 +26,9 @@ class ExportConfig(dg.Config):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="int8 may lose at most this much top-1 accuracy vs fp32.")
     max_size_ratio: float = Field(0.3, gt=0, description="int8 file at most this fraction of the fp32 file.")
     max_parity_diff: float = Field(1e-3, gt=0, description="Largest allowed |torch - ONNX fp32| logit difference.")
+
+    def policy(self) -> ExportGatePolicy:
+        return ExportGatePolicy(self.max_accuracy_drop, self.max_size_ratio, self.max_parity_diff)
 
 
 @dg.asset(
@@ -52,12 +57,14 @@ def exported_model(
         version = _export_and_publish(context, config, registry, fingerprint, ffcv_datasets, trained_model, model_evaluation)
         artifact_run = log_model_artifact(version.path, version.version, version.card(), flywheel.root)
     card = version.card()
-    export, gate = card["export"], card["gates"]["export"]
+    export, gate, served = card["export"], card["gates"]["export"], card["gates"]["served"]
     for reason in gate["reasons"]:
         context.log.info(f"export gate: {reason}")
+    for reason in served["reasons"]:
+        context.log.info(f"served model gate: {reason}")
     trials = pl.DataFrame(export["int8_recipe_trials"]).sort("latency_ms_batch64")
     return dg.Output(
-        {"version": version.version, "path": str(version.path), "export_gate": gate},
+        {"version": version.version, "path": str(version.path), "export_gate": gate, "served_gate": served},
         metadata={
             "version": version.version,
             "newly_published": artifact_run is not None,
@@ -73,6 +80,8 @@ def exported_model(
             "wandb_artifact_run": artifact_run or "none (already logged when published)",
             "export_gate_passed": gate["passed"],
             "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
+            "served_gate_passed": served["passed"],
+            "served_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in served["reasons"])),
         },
     )
 
@@ -91,7 +100,14 @@ def _export_and_publish(
     report = export_candidate(
         network, model_config.resolution, calibration_images, test.images, test.labels, staging, config.max_accuracy_drop
     )
-    passed, reasons = export_gate(report, ExportGatePolicy(config.max_accuracy_drop, config.max_size_ratio, config.max_parity_diff))
+    passed, reasons = export_gate(report, config.policy())
+    # The model users get is the int8 file: it faces the champion's int8 file by the evaluation gate's rules.
+    champion = registry.champion()
+    served = evaluate_candidate(
+        predict_onnx(onnx_session(Path(report.int8_path)), test.images),
+        None if champion is None else predict_onnx(champion.inference_session(), test.images),
+        test, model_config.num_classes, GatePolicy.model_validate(model_evaluation["gate_policy"]), "int8",
+    )
     shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
     card = {
         "created_at": datetime.now(timezone.utc).isoformat(),
@@ -106,6 +122,7 @@ def _export_and_publish(
             "test_examples": model_evaluation["candidate"]["count"],
             "test_accuracy_onnx_fp32": report.fp32_accuracy,
             "test_accuracy_int8": report.int8_accuracy,
+            "test_ece_int8": served.candidate.ece,
             "val_accuracy": trained_model["val_accuracy"],
             "per_batch": model_evaluation["candidate"]["slices"],
         },
@@ -120,6 +137,7 @@ def _export_and_publish(
         "gates": {
             "evaluation": model_evaluation["gate"],
             "export": {"passed": passed, "reasons": reasons},
+            "served": served.gate.model_dump(),
         },
         "lineage": {
             "training_batches": trained_model["training_batches"],
@@ -137,7 +155,7 @@ def _export_and_publish(
 
 @dg.asset(
     description="The registry's champion pointer: flipped atomically to the new version only when the "
-    "evaluation gate and the export gate both passed.",
+    "evaluation gate, the export gate and the served-model gate all passed.",
     group_name="deployment",
     kinds={"onnx"},
 )
@@ -145,15 +163,18 @@ def champion_model(
     context: dg.AssetExecutionContext, flywheel: FlywheelHome, exported_model: dict, model_evaluation: dict
 ) -> dg.Output[dict]:
     registry = Registry(flywheel.registry)
-    evaluation_passed = model_evaluation["gate"]["passed"]
-    export_passed = exported_model["export_gate"]["passed"]
+    gates = {
+        "evaluation": model_evaluation["gate"]["passed"],
+        "export": exported_model["export_gate"]["passed"],
+        "served model": exported_model["served_gate"]["passed"],
+    }
     candidate = exported_model["version"]
-    promoted = evaluation_passed and export_passed
+    promoted = all(gates.values())
     if promoted:
         registry.promote(candidate, reason="; ".join(model_evaluation["gate"]["reasons"]))
         context.log.info(f"{candidate} is the new champion")
     else:
-        failed = [name for name, ok in (("evaluation", evaluation_passed), ("export", export_passed)) if not ok]
+        failed = [name for name, ok in gates.items() if not ok]
         context.log.warning(f"{candidate} was not promoted: the {' and '.join(failed)} gate failed")
     champion = registry.champion()
     card = champion.card() if champion else {}

@@ -9,14 +9,28 @@ import polars as pl
 from orchestration.metadata import markdown_image, markdown_table
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
-from training.evaluate import GatePolicy, TestSet, confusion_matrix_png, evaluate_onnx, evaluate_torch, gate_decision
-from training.registry import Registry
+from training.evaluate import Metrics, TestSet, confusion_matrix_png, evaluate_candidate
+from training.gate import GateDecision, GatePolicy
+from training.inference import load_classifier, predict_onnx, predict_torch
+from training.registry import FP32_FILE, Registry
 
 
 class GateConfig(dg.Config):
     absolute_floor: float = Field(0.9, ge=0, le=1, description="Test accuracy a first model must reach.")
-    tolerance: float = Field(0.0, ge=0, le=1, description="How far a candidate may trail the champion overall (0: non-regression).")
-    slice_margin: float = Field(0.02, ge=0, le=1, description="How far any batch slice may regress (2 points: noise on an old domain does not block learning a new one).")
+    non_inferiority_margin: float = Field(
+        0.02, gt=0, le=1, description="Overall, the candidate must be shown not worse than the champion by more than this "
+        "much accuracy (one-sided paired bootstrap bound on the same test images).",
+    )
+    level: float = Field(0.05, gt=0, lt=0.5, description="One-sided error level of the overall non-inferiority bound.")
+    slice_level: float = Field(
+        0.05, gt=0, lt=1, description="Family-wise error level of the per-slice regression tests (exact McNemar per batch "
+        "and per class, Holm-Bonferroni across slices): a slice blocks only when its regression is significant.",
+    )
+    min_slice_size: int = Field(10, ge=1, description="Slices with fewer test images are reported, not tested.")
+    max_ece_increase: float = Field(0.05, ge=0, le=1, description="How much the expected calibration error may worsen.")
+
+    def policy(self) -> GatePolicy:
+        return GatePolicy(**self.model_dump())
 
 
 @dg.asset(
@@ -35,15 +49,13 @@ def model_evaluation(
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
     model_config = ModelConfig.model_validate(trained_model["model"])
-    candidate = evaluate_torch(Path(trained_model["weights_path"]), model_config, test)
-
+    candidate_logits = predict_torch(load_classifier(Path(trained_model["weights_path"]), model_config), test.images)
     champion_version = Registry(flywheel.registry).champion()
-    champion = None
+    champion_logits = None
     if champion_version is not None:
-        champion = evaluate_onnx(champion_version.fp32, model_config.num_classes, test)
-    decision = gate_decision(
-        candidate, champion, GatePolicy(config.absolute_floor, config.tolerance, config.slice_margin)
-    )
+        champion_logits = predict_onnx(champion_version.inference_session(FP32_FILE), test.images)
+    evaluation = evaluate_candidate(candidate_logits, champion_logits, test, model_config.num_classes, config.policy(), "fp32")
+    candidate, champion, decision = evaluation.candidate, evaluation.champion, evaluation.gate
     plot = confusion_matrix_png(
         candidate.confusion, flywheel.reports / context.run_id / "confusion_matrix.png",
         f"candidate {trained_model['attempt'][:8]}: accuracy {candidate.accuracy:.3f}",
@@ -51,22 +63,13 @@ def model_evaluation(
     for reason in decision.reasons:
         context.log.info(f"gate: {reason}")
 
-    slices = pl.DataFrame(
-        [
-            {
-                "batch": name,
-                "examples": info["count"],
-                "candidate": round(info["accuracy"], 4),
-                "champion": round(champion.slices[name]["accuracy"], 4) if champion and name in champion.slices else None,
-            }
-            for name, info in candidate.slices.items()
-        ]
-    )
     value = {
         "candidate": candidate.to_dict(),
         "champion": champion.to_dict() if champion else None,
         "champion_version": champion_version.version if champion_version else None,
-        "gate": decision.to_dict(),
+        "gate": decision.model_dump(),
+        # The export judges the served int8 files by the same policy.
+        "gate_policy": config.policy().model_dump(),
         "confusion_matrix_png": str(plot),
     }
     return dg.Output(
@@ -79,9 +82,44 @@ def model_evaluation(
             "champion_accuracy": champion.accuracy if champion else float("nan"),
             "test_examples": candidate.count,
             "gate_passed": decision.passed,
+            **overall_metadata(decision),
             "gate_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
-            "per_batch": markdown_table(slices),
+            "per_batch": markdown_table(batch_table(candidate, champion)),
+            "gate_slices": markdown_table(slice_table(decision)),
             "per_class": markdown_table(pl.DataFrame(candidate.per_class)),
             "confusion_matrix": markdown_image(plot, "confusion matrix"),
         },
     )
+
+
+def batch_table(candidate: Metrics, champion: Metrics | None) -> pl.DataFrame:
+    return pl.DataFrame([
+        {
+            "batch": name,
+            "examples": info["count"],
+            "candidate": round(info["accuracy"], 4),
+            "champion": round(champion.slices[name]["accuracy"], 4) if champion and name in champion.slices else None,
+        }
+        for name, info in candidate.slices.items()
+    ])
+
+
+def slice_table(decision: GateDecision) -> pl.DataFrame:
+    """The gate's per-slice tests, the most significant first."""
+    rows = [
+        {"slice": s.slice, "images": s.examples, "candidate right": s.candidate_correct, "champion right": s.champion_correct,
+         "p (Holm)": None if s.p_holm is None else round(s.p_holm, 4), "regressed": s.regressed}
+        for s in decision.slices
+    ]
+    return pl.DataFrame(rows).sort("p (Holm)", nulls_last=True) if rows else pl.DataFrame({"slice": []})
+
+
+def overall_metadata(decision: GateDecision) -> dict:
+    overall = decision.overall
+    if overall is None:
+        return {}
+    return {
+        "accuracy_difference": overall.difference,
+        "accuracy_difference_ci95": f"{overall.ci95_low:+.4f} to {overall.ci95_high:+.4f}",
+        "accuracy_difference_lower_bound": overall.lower_bound,
+    }

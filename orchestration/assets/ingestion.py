@@ -18,6 +18,11 @@ class IngestConfig(dg.Config):
     force: bool = Field(False, description="Ingest again even when the file and the rules are unchanged.")
 
 
+def ingestion_rules(flywheel: FlywheelHome, config: IngestConfig) -> ValidationRules:
+    """The validation rules of a run: the asset applies them, the landing sensor fingerprints with them."""
+    return ValidationRules(num_classes=flywheel.num_classes, max_pixels=config.max_pixels)
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
@@ -40,7 +45,7 @@ class IngestConfig(dg.Config):
 )
 def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywheel: FlywheelHome):
     batch_id = context.partition_key
-    rules = ValidationRules(num_classes=flywheel.num_classes, max_pixels=config.max_pixels)
+    rules = ingestion_rules(flywheel, config)
     try:
         path = flywheel.landing_file(batch_id)
         sha256 = file_sha256(path) if path.is_file() else None
@@ -69,6 +74,8 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
         metadata={
             "file": dg.MetadataValue.path(str(path)),
             "file_sha256": sha256,
+            # The landing sensor compares it with the file's: equal means there is nothing new to ingest.
+            "ingestion_fingerprint": fingerprint,
             "rows_in_file": batch.row_count,
             "accepted": counts.images,
             "labeled": int(batch.images["label"].is_not_null().sum()),

@@ -10,9 +10,10 @@ from orchestration.checks import DRIFT_CHECK_SPECS, drift_check_results
 from orchestration.io_manager import stored_values
 from orchestration.metadata import drift_over_time_png, markdown_image, markdown_table
 from orchestration.partitions import batch_partitions
+from orchestration.policy import RetrainingPolicy
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
-from training.evaluate import embed_and_predict, load_classifier, onnx_session, predict_onnx
+from training.inference import embed_and_predict, load_classifier, predict_onnx
 from training.registry import ModelVersion, Registry
 from training.tracking import log_monitoring
 from transforms import warehouse
@@ -59,7 +60,9 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: dict, rows:
     pool="warehouse",
     check_specs=DRIFT_CHECK_SPECS,
 )
-def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome):
+def drift_report(
+    context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome, retraining_policy: RetrainingPolicy,
+):
     batch_id = context.partition_key
     champion = Registry(flywheel.registry).champion()
     if champion is None:
@@ -79,7 +82,7 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, flywhee
     embeddings, _ = embed_and_predict(network, records.images)
     embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
     # What is served is the int8 file: its predictions are the ones that count.
-    predictions = predict_onnx(onnx_session(champion.int8), records.images).argmax(axis=1)
+    predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
     classes = prediction_drift(reference_predictions, predictions, flywheel.num_classes, policy)
     labeled = records.index["label"].is_not_null().to_numpy()
     labels = records.index["label"].fill_null(-1).to_numpy()
@@ -125,4 +128,4 @@ def drift_report(context: dg.AssetExecutionContext, config: DriftConfig, flywhee
             "wandb_run": wandb_run,
         },
     )
-    yield from drift_check_results(value)
+    yield from drift_check_results(value, retraining_policy.accuracy_margin)

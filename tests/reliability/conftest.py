@@ -21,7 +21,6 @@ FLYWHEEL = str(Path(sys.prefix) / "bin" / "flywheel")
 WANDB_SECRET = secrets.token_hex(20)
 # Small data and a short training: enough for the digits to pass the gates, fast on 2 CPU cores.
 TRAINING_SETTINGS = "trained_model:\n  epochs: 10\n  batch_size: 32\n"
-FAST_SETTINGS = f"{TRAINING_SETTINGS}model_evaluation:\n  slice_margin: 0.06\n"
 
 
 class Flywheel:
@@ -31,7 +30,7 @@ class Flywheel:
         self.root = root
         self.dagster_home = root / "dagster"
         self.settings = root.parent / "settings.yaml"
-        self.settings.write_text(FAST_SETTINGS)
+        self.settings.write_text(TRAINING_SETTINGS)
         self.env = {
             **os.environ, "FLYWHEEL_HOME": str(root), "DAGSTER_HOME": str(self.dagster_home),
             "WANDB_MODE": "offline", "WANDB_API_KEY": WANDB_SECRET, "PYTHONUNBUFFERED": "1",

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from orchestration.instance import get_instance
-from orchestration.loop import failure_message
+from flywheel.loop import failure_message
 from tests.conftest import write_servable_files
 from tests.reliability.conftest import file_hashes, warehouse_snapshot
 from tests.test_cli import png_bytes, run_cli

@@ -103,8 +103,10 @@ def test_export_killed_mid_write(flywheel: Flywheel):
     assert flywheel("simulate", "--batches", "1", "--pool", "holdout", "--drift", "invert", "--prefix", "inverted").returncode == 0
     # This test is about a killed export, not about the promotion gate: here the evaluation gate
     # admits any candidate, so the export starts whatever the retrained candidate scores on this
-    # machine's CPU (the gate's decisions are tested in tests/test_training.py and tests/test_loop.py).
-    flywheel.settings.write_text(f"{TRAINING_SETTINGS}model_evaluation:\n  tolerance: 1.0\n  slice_margin: 1.0\n")
+    # machine's CPU (the gate's decisions are tested in tests/test_gate.py and tests/test_loop.py).
+    flywheel.settings.write_text(
+        f"{TRAINING_SETTINGS}model_evaluation:\n  non_inferiority_margin: 1.0\n  min_slice_size: 1000000\n  max_ece_increase: 1.0\n"
+    )
     tick = flywheel.start(*flywheel.tick_args())
     kill_when(tick, lambda: any(registry.root.glob(".staging-*/*")), what="the export began writing files")
     assert [v.version for v in registry.versions()] == ["v0001"]

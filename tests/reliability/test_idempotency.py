@@ -5,10 +5,11 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from orchestration.definitions import defs
 from orchestration.instance import get_instance
-from orchestration.loop import run_tick
+from flywheel.loop import run_tick
 from orchestration.resources import FlywheelHome
 from tests.conftest import FAST_TRAINING
 from tests.reliability.conftest import file_hashes, warehouse_snapshot
@@ -16,7 +17,7 @@ from transforms.simulate import SimulationSpec, simulate_batches
 
 pytestmark = pytest.mark.e2e
 
-SETTINGS = {"trained_model": FAST_TRAINING, "model_evaluation": {"slice_margin": 0.06}}
+SETTINGS = {"trained_model": FAST_TRAINING}
 RERUNS = [
     ("key:raw_images or key:quarantined_images", "digits-000"),
     ("key:raw_images or key:quarantined_images", "digits-001"),
@@ -42,7 +43,8 @@ def stored(home: Path) -> dict:
 def test_rerunning_every_asset_changes_nothing_stored(home: Path):
     simulate_batches(home / "landing", SimulationSpec(batches=2, batch_size=200, seed=3))
     instance = get_instance(home)
-    report = run_tick(defs, instance, FlywheelHome(home=str(home)), log=lambda _: None, settings=SETTINGS)
+    (home / "settings.yaml").write_text(yaml.safe_dump(SETTINGS))
+    report = run_tick(defs, instance, FlywheelHome(home=str(home)), log=lambda _: None)
     assert report.champion_after == "v0001" and not report.failed
     before = stored(home)
     assert before["warehouse"]["raw_images"][0] == 400 and before["ffcv"] and before["registry"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orchestration.instance import get_instance
-from orchestration.loop import failure_message
+from flywheel.loop import failure_message
 from orchestration.resources import FlywheelHome
 from tests.conftest import write_servable_files
 from tests.test_cli import run_cli

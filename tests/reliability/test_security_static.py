@@ -1,4 +1,4 @@
-"""Static security checks over the project's own source (orchestration, training, transforms, bench).
+"""Static security checks over the project's own source (flywheel, orchestration, training, transforms, bench).
 
 - Nothing is deserialized with pickle: loading a pickle runs arbitrary code, and the files this
   project reads (landed batches, checkpoints, embeddings) live in a data root anyone may write to.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SOURCE_FOLDERS = ("orchestration", "training", "transforms", "bench")
+SOURCE_FOLDERS = ("flywheel", "orchestration", "training", "transforms", "bench")
 
 PICKLE_MODULES = {"pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 PICKLE_LOADS = {"pickle.load", "pickle.loads"}

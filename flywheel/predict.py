@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 
 from orchestration.resources import FlywheelHome
-from training.evaluate import predict_onnx
+from training.inference import predict_onnx
 from training.registry import Registry, RegistryError
 from transforms.images import ImageRejected, decode_image, resize_rgb
 from transforms.landing import LandingFileError, read_landing_file

@@ -3,7 +3,7 @@
 import polars as pl
 
 from orchestration.io_manager import stored_values
-from orchestration.loop import TickReport
+from flywheel.loop import TickReport
 from orchestration.resources import FlywheelHome
 from training.registry import Registry
 
@@ -60,13 +60,15 @@ def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
         print("drift (each batch against the champion's training data):")
         print(_table(_drift_rows(list(report.drift.values()))))
     if report.decision:
-        print(f"retraining: {'yes — ' + '; '.join(report.decision.reasons) if report.decision.retrain else 'not needed'}")
+        decision = report.decision
+        print(f"retraining: {'yes' if decision.retrain else 'no'}" + (f" — {'; '.join(decision.reasons)}" if decision.reasons else ""))
     if report.candidate:
         evaluation, export = report.candidate["evaluation"], report.candidate.get("export")
         name = export["version"] if export else "the candidate"
         gates = ", ".join(f"{gate} FAILED" for gate in report.candidate["failed_gates"]) or "every gate passed"
         print(f"candidate {name}: {gates}")
-        for reason in evaluation["gate"]["reasons"] + (export["export_gate"]["reasons"] if export else []):
+        reasons = evaluation["gate"]["reasons"] + (export["export_gate"]["reasons"] + export["served_gate"]["reasons"] if export else [])
+        for reason in reasons:
             print(f"  - {reason}")
         # Before/after on each batch the loop just reacted to: the champion then vs the candidate now.
         slices = evaluation["candidate"]["slices"]
@@ -74,6 +76,9 @@ def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
             if drift["champion_accuracy"] is not None and batch in slices and drift["champion"] == report.champion_before:
                 print(f"  batch {batch}: {drift['champion']} accuracy {drift['champion_accuracy']:.3f} (whole batch) -> "
                       f"candidate {slices[batch]['accuracy']:.3f} (its {slices[batch]['count']} test images)")
+    if report.drift_after:
+        print(f"drift against the new champion {report.champion_after}:")
+        print(_table(_drift_rows(list(report.drift_after.values()))))
     if report.champion_before != report.champion_after:
         print(f"champion: {report.champion_before or 'none'} -> {report.champion_after}")
     for line in champion_lines(flywheel):
@@ -98,6 +103,8 @@ def print_status(flywheel: FlywheelHome) -> None:
                 "int8 acc": round(card["metrics"]["test_accuracy_int8"], 4),
                 "eval gate": "pass" if card["gates"]["evaluation"]["passed"] else "FAIL",
                 "export gate": "pass" if card["gates"]["export"]["passed"] else "FAIL",
+                # Cards written before the served-model gate existed have no verdict of it.
+                "served gate": "-" if "served" not in card["gates"] else "pass" if card["gates"]["served"]["passed"] else "FAIL",
                 "parent": card["lineage"]["parent_champion"] or "-",
             })
         print(_table(rows))

@@ -39,16 +39,17 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from orchestration.run_lock import exclusive_run
+    from flywheel.run_lock import exclusive_run
     from orchestration.settings import SettingsError, load_settings
 
     if args.config and args.select:
         raise UserError("--config applies to a loop tick; with --select, set values in the Dagster UI's launchpad")
+    flywheel = FlywheelHome(settings_file=args.config) if args.config else _flywheel()
     try:
-        args.settings = load_settings(Path(args.config)) if args.config else {}
+        if args.config or flywheel.settings.exists():
+            load_settings(flywheel.settings)  # checked as a whole before anything runs
     except SettingsError as error:
         raise UserError(str(error)) from None
-    flywheel = _flywheel()
     with exclusive_run(flywheel.root, wait=not args.no_wait, log=lambda message: print(message, file=sys.stderr)):
         _run_locked(args, flywheel)
 
@@ -56,31 +57,59 @@ def cmd_run(args: argparse.Namespace) -> None:
 def _run_locked(args: argparse.Namespace, flywheel: FlywheelHome) -> None:
     from orchestration.definitions import defs
     from orchestration.instance import get_instance, process_tags
-    from orchestration.loop import failure_message, recover_abandoned_runs, run_tick
+    from flywheel.loop import failure_message, recover_abandoned_runs, run_tick
     from training.registry import Registry
-    from orchestration.summary import print_tick_summary
+    from flywheel.summary import print_tick_summary
 
     instance = get_instance(flywheel.root)
     if args.select:
-        recover_abandoned_runs(instance, Registry(flywheel.registry), print)
         import dagster as dg
 
+        keys = selected_assets(defs, args.select, args.partition)
+        recover_abandoned_runs(instance, Registry(flywheel.registry), print)
         result = dg.materialize(
-            list(defs.assets), selection=args.select, instance=instance, resources=defs.resources,
+            list(defs.assets), selection=keys, instance=instance, resources=defs.resources,
             partition_key=args.partition, raise_on_error=False, tags=process_tags(),
         )
         if not result.success:
             raise UserError(f"materializing {args.select!r} failed: {failure_message(result)}")
-        print(f"materialized {args.select}")
+        print(f"materialized {', '.join(sorted(k.to_user_string() for k in keys))}")
         return
-    report = run_tick(defs, instance, flywheel, settings=args.settings)
+    report = run_tick(defs, instance, flywheel)
     print_tick_summary(report, flywheel)
     if report.failed:
         sys.exit(1)
 
 
+def selected_assets(defs, selection: str, partition: str | None) -> list:
+    """The asset keys of a selection, with the assets that must run with them (one multi-asset
+    writes several); a one-line UserError for an unknown asset or a partitioned one without --partition."""
+    import dagster as dg
+
+    graph = defs.resolve_asset_graph()
+    try:
+        keys = dg.AssetSelection.from_string(selection).resolve(graph)
+    except Exception as error:  # Dagster's parse and subset errors, for a selection the user typed
+        raise UserError(f"--select {selection!r}: {str(error).splitlines()[0]}; assets: "
+                        f"{', '.join(sorted(k.to_user_string() for k in graph.get_all_asset_keys()))}") from None
+    if not keys:
+        raise UserError(f"--select {selection!r} selects no asset")
+    for key in list(keys):
+        definition = defs.resolve_assets_def(key)
+        if not definition.can_subset:
+            keys |= definition.keys  # written together by one step
+    partitioned = sorted(k.to_user_string() for k in keys if defs.resolve_assets_def(k).partitions_def is not None)
+    if partitioned and partition is None:
+        raise UserError(f"{', '.join(partitioned)} {'is' if len(partitioned) == 1 else 'are'} partitioned by batch: "
+                        "add --partition BATCH_ID (a landed batch id)")
+    if partitioned and len(partitioned) < len(keys):
+        raise UserError(f"{', '.join(partitioned)} (partitioned by batch) cannot run in one materialization with "
+                        f"{', '.join(sorted(k.to_user_string() for k in keys if k.to_user_string() not in partitioned))}: select them apart")
+    return sorted(keys)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
-    from orchestration.predict import predict_files
+    from flywheel.predict import predict_files
 
     flywheel = _flywheel()
     written, problems = predict_files([Path(f) for f in args.files], Path(args.output), flywheel)
@@ -101,7 +130,7 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from orchestration.summary import print_status
+    from flywheel.summary import print_status
 
     print_status(_flywheel())
 
@@ -151,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from orchestration.loop import TickFailed
-    from orchestration.run_lock import RunInProgress
+    from flywheel.loop import TickFailed
+    from flywheel.run_lock import RunInProgress
     from training.registry import RegistryError
     from transforms.landing import LandingFileError
 

@@ -1,0 +1,62 @@
+"""Inference, in one place: torch networks from safetensors weights, ONNX Runtime sessions,
+predictions, embeddings and latency. Evaluation, export, monitoring and `flywheel predict` use it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors.torch import load_file
+
+from training.config import ModelConfig
+from training.model import ImageClassifier
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def load_classifier(weights_path: Path, model_config: ModelConfig) -> ImageClassifier:
+    network = ImageClassifier(model_config)
+    network.load_state_dict(load_weights(weights_path))
+    return network.eval()
+
+
+@torch.inference_mode()
+def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    outputs = [network(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return torch.cat(outputs).numpy()
+
+
+@torch.inference_mode()
+def embed_and_predict(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate-layer embeddings, predicted classes) of the images."""
+    embeddings = [network.embed(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    embedded = torch.cat(embeddings) if embeddings else torch.zeros((0, network.head.in_features))
+    return embedded.numpy(), network.head(embedded).argmax(dim=1).numpy()
+
+
+def onnx_session(model_path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def predict_onnx(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    outputs = [session.run(["logits"], {"image": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs)
+
+
+def onnx_latency_ms(session: ort.InferenceSession, images: np.ndarray, batch_size: int, runs: int = 20) -> float:
+    """Median wall time of one `session.run` on a batch of `batch_size` images, after a warm-up run."""
+    batch = np.resize(images, (batch_size, *images.shape[1:]))
+    session.run(["logits"], {"image": batch})
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(["logits"], {"image": batch})
+        timings.append(time.perf_counter() - started)
+    return float(np.median(timings) * 1000)
