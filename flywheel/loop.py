@@ -10,8 +10,8 @@ from typing import Callable
 import dagster as dg
 
 from orchestration.automation import drift_sensor, monitoring_sensor
-from orchestration.instance import fail_abandoned_runs, process_tags
-from orchestration.policy import REASON_TAG, RetrainingDecision
+from orchestration.instance import fail_abandoned_runs, latest_materialization, process_tags
+from orchestration.policy import ACTIVE, REASON_TAG, RetrainingDecision
 from orchestration.resources import FlywheelHome
 from orchestration.sensors import SETTLE_SECONDS, landing_sensor
 from training.registry import Registry, RegistryError
@@ -20,6 +20,8 @@ from transforms.landing import LandingFileError, batch_id_of, landed_files
 
 # The tags the daemon puts on a sensor's runs; Dagster runs a run key of a sensor only once.
 RUN_KEY_TAG, SENSOR_NAME_TAG = "dagster/run_key", "dagster/sensor_name"
+# How long a tick waits for a run someone else launched for a request of its own.
+WAIT_FOR_OTHERS_SECONDS = 900
 # Dagster's console logger at INFO: the assets' own messages, without per-event debug lines.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -95,6 +97,16 @@ class SensorDriver:
         ) if request.run_key else []
         return records[0].dagster_run if records else None
 
+    def wait_for(self, run: dg.DagsterRun, log: Callable[[str], None]) -> dg.DagsterRun:
+        """The run, once it is no longer queued or running (at most WAIT_FOR_OTHERS_SECONDS)."""
+        deadline = time.monotonic() + WAIT_FOR_OTHERS_SECONDS
+        if run.status in ACTIVE:
+            log(f"waiting for run {run.run_id} ({run.job_name}), launched for the same request, to finish")
+        while run.status in ACTIVE and time.monotonic() < deadline:
+            time.sleep(1)
+            run = self.instance.get_run_by_id(run.run_id)
+        return run
+
     def launch(self, sensor: dg.SensorDefinition, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
         job = self.defs.resolve_job_def(request.job_name or sensor.job_name)
         run_config = {**self.logging_config, **(request.run_config or {})}
@@ -106,11 +118,22 @@ class SensorDriver:
         )
 
 
+def transform_needed(instance: dg.DagsterInstance) -> bool:
+    """The dbt models' eager condition: ingestion or a label load landed since dbt last built them."""
+
+    def at(asset: str) -> float:
+        record = latest_materialization(instance, asset)
+        return record.timestamp if record else 0.0
+
+    return max(at("raw_images"), at("raw_labels")) > min(at("training_examples"), at("batch_image_stats"))
+
+
 def run_tick(
     defs: dg.Definitions, instance: dg.DagsterInstance, flywheel: FlywheelHome, log: Callable[[str], None] = print,
 ) -> TickReport:
     """One tick: the landing, monitoring and drift sensors the daemon runs, evaluated and executed here
-    in order, with dbt run after new ingestion or labels as the daemon's eager condition runs it.
+    in order, with dbt run when ingestion or labels landed since its last build, as the models' eager
+    condition runs it under the daemon.
     `flywheel.settings` is the run settings file the sensors put on their requests."""
     report = TickReport()
     registry = Registry(flywheel.registry)
@@ -140,28 +163,28 @@ def run_tick(
     driver = SensorDriver(defs, instance, resources, process_tags(), QUIET)
 
     requests, _ = driver.evaluate(landing_sensor)
-    updated = False
     for request in requests:
         batch_id = request.partition_key
         earlier = driver.earlier_run(landing_sensor, request)
-        if earlier is not None and earlier.status == dg.DagsterRunStatus.FAILURE:
-            what = f"batch {batch_id}" if batch_id else "late labels"
-            report.failed[batch_id or "labels"] = f"{what}: ingesting these same bytes failed in run {earlier.run_id}; replace the file to try again"
-            continue
         if earlier is not None:
+            # The daemon (or another tick) launched this very request: its outcome is this tick's.
+            earlier = driver.wait_for(earlier, log)
+            if earlier.status != dg.DagsterRunStatus.SUCCESS:
+                what = f"batch {batch_id}" if batch_id else "late labels"
+                report.failed[batch_id or "labels"] = (
+                    f"{what}: run {earlier.run_id} for these same bytes ended {earlier.status.value}; replace the file to try again"
+                )
             continue
         log(f"ingesting batch {batch_id}" if batch_id else "loading late labels")
         result = driver.launch(landing_sensor, request)
-        if result.success:
-            updated = True
-            if batch_id:
-                report.ingested.append(batch_id)
+        if result.success and batch_id:
+            report.ingested.append(batch_id)
         elif batch_id:
             report.failed[batch_id] = failure_message(result)
             log(f"batch {batch_id} was not ingested: {report.failed[batch_id]}")
-        else:
+        elif not result.success:
             raise TickFailed(f"loading labels failed (run {result.run_id}): {failure_message(result)}")
-    if updated:
+    if transform_needed(instance):
         log("transforming with dbt")
         job = defs.resolve_job_def("transform")
         result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET, tags=process_tags())

@@ -29,7 +29,8 @@ class Flywheel:
     def __init__(self, root: Path):
         self.root = root
         self.dagster_home = root / "dagster"
-        self.settings = root.parent / "settings.yaml"
+        # Where the daemon's sensors read run settings too, so its runs train as fast as a tick's.
+        self.settings = root / "settings.yaml"
         self.settings.write_text(TRAINING_SETTINGS)
         self.env = {
             **os.environ, "FLYWHEEL_HOME": str(root), "DAGSTER_HOME": str(self.dagster_home),

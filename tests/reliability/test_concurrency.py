@@ -70,7 +70,9 @@ def test_two_ticks_and_the_sensors_at_once(flywheel: Flywheel):
         )
     try:
         ticks = [flywheel.start(*flywheel.tick_args()) for _ in range(2)]
-        results = [flywheel.finish(tick) for tick in ticks]
+        # A guard against a hang, not a speed limit: the second tick queues behind the first, which
+        # waits for the daemon's ingestion runs of the same batches and then trains (10+ min on 2 cores).
+        results = [flywheel.finish(tick, timeout=1500) for tick in ticks]
         instance = flywheel.instance()
         sensor_runs = wait_for_the_daemon(instance, daemon, daemon_log_path)
     finally:
