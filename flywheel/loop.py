@@ -10,7 +10,7 @@ from typing import Callable
 import dagster as dg
 
 from orchestration.automation import drift_sensor, monitoring_sensor
-from orchestration.instance import fail_abandoned_runs, latest_materialization, process_tags
+from orchestration.instance import fail_abandoned_runs, latest_timestamp, process_tags
 from orchestration.policy import ACTIVE, REASON_TAG, RetrainingDecision
 from orchestration.resources import FlywheelHome
 from orchestration.sensors import SETTLE_SECONDS, landing_sensor
@@ -120,12 +120,8 @@ class SensorDriver:
 
 def transform_needed(instance: dg.DagsterInstance) -> bool:
     """The dbt models' eager condition: ingestion or a label load landed since dbt last built them."""
-
-    def at(asset: str) -> float:
-        record = latest_materialization(instance, asset)
-        return record.timestamp if record else 0.0
-
-    return max(at("raw_images"), at("raw_labels")) > min(at("training_examples"), at("batch_image_stats"))
+    upstream = max(latest_timestamp(instance, "raw_images"), latest_timestamp(instance, "raw_labels"))
+    return upstream > min(latest_timestamp(instance, "training_examples"), latest_timestamp(instance, "batch_image_stats"))
 
 
 def run_tick(

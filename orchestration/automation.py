@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from orchestration.assets.transformation import dbt_models
-from orchestration.instance import latest_materialization
+from orchestration.instance import latest_materialization, latest_timestamp
 from orchestration.io_manager import stored_values
 from orchestration.jobs import monitor_job, retrain_job
 from orchestration.metadata import code_version
@@ -27,11 +27,6 @@ RETRAIN_CRON = os.environ.get("FLYWHEEL_RETRAIN_CRON", "0 3 * * 1")
 AUTOMATION_RUNNING = os.environ.get("FLYWHEEL_AUTOMATION", "running") != "stopped"
 SENSOR_STATUS = dg.DefaultSensorStatus.RUNNING if AUTOMATION_RUNNING else dg.DefaultSensorStatus.STOPPED
 SCHEDULE_STATUS = dg.DefaultScheduleStatus.RUNNING if AUTOMATION_RUNNING else dg.DefaultScheduleStatus.STOPPED
-
-
-def _latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> float:
-    record = latest_materialization(instance, asset, partition)
-    return record.timestamp if record else 0.0
 
 
 # Evaluates the dbt models' eager automation conditions: they rebuild once ingestion has landed rows.
@@ -55,10 +50,11 @@ def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHom
     champion = Registry(flywheel.registry).champion()
     if champion is None:
         return dg.SkipReason("no champion yet: drift is measured against the champion's training data")
-    transformed_at = _latest_timestamp(context.instance, "batch_image_stats")
+    transformed_at = latest_timestamp(context.instance, "batch_image_stats")
+    run_config = run_settings(flywheel, monitor_job.name)
     requests = []
     for batch_id in context.instance.get_dynamic_partitions("batches"):
-        ingested_at = _latest_timestamp(context.instance, "raw_images", batch_id)
+        ingested_at = latest_timestamp(context.instance, "raw_images", batch_id)
         if not 0 < ingested_at <= transformed_at:
             continue
         report = latest_materialization(context.instance, "drift_report", batch_id)
@@ -66,7 +62,7 @@ def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHom
         if report is None or report.timestamp < ingested_at or against is None or against.value != champion.version:
             requests.append(dg.RunRequest(
                 partition_key=batch_id, run_key=f"monitor-{batch_id}-{ingested_at}-{champion.version}",
-                run_config=run_settings(flywheel, monitor_job.name),
+                run_config=run_config,
             ))
     return dg.SensorResult(run_requests=requests)
 

@@ -42,6 +42,12 @@ def latest_materialization(
     return records[0] if records else None
 
 
+def latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> float:
+    """When the asset (one partition of it) was last materialized; 0 when never."""
+    record = latest_materialization(instance, asset, partition)
+    return record.timestamp if record else 0.0
+
+
 # Tags of every run `flywheel run` executes in its own process, so a later tick can tell whether the
 # process behind a run that never finished is gone.
 PID_TAG, HOST_TAG = "flywheel/pid", "flywheel/host"
