@@ -49,7 +49,7 @@ def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome) -> tu
     session = champion.inference_session()
     ids, images, problems = [], [], []
     for path in files:
-        file_ids, file_images, file_problems = _images_of(path, card["input"]["height"])
+        file_ids, file_images, file_problems = _images_of(path, card.resolution)
         ids += file_ids
         images += file_images
         problems += file_problems
@@ -62,8 +62,11 @@ def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome) -> tu
     else:
         labels, confidence = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     frame = pl.DataFrame(
-        {"image_id": ids, "label": labels.astype(np.int64), "probability": confidence.astype(np.float64)},
-        schema={"image_id": pl.Utf8, "label": pl.Int64, "probability": pl.Float64},
+        {
+            "image_id": ids, "label": labels.astype(np.int64), "label_name": [card.class_names[i] for i in labels],
+            "probability": confidence.astype(np.float64),
+        },
+        schema={"image_id": pl.Utf8, "label": pl.Int64, "label_name": pl.Utf8, "probability": pl.Float64},
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     frame.write_csv(output) if output.suffix.lower() == ".csv" else frame.write_parquet(output)

@@ -22,15 +22,16 @@ def champion_lines(flywheel: FlywheelHome) -> list[str]:
     if champion is None:
         return ["champion: none yet"]
     card = champion.card()
-    metrics, export = card["metrics"], card["export"]
+    metrics, export, lineage = card.metrics, card.export, card.lineage
     return [
         f"champion: {champion.version}  ({champion.path})",
-        f"  test accuracy  fp32 {metrics['test_accuracy']:.4f}   int8 {metrics['test_accuracy_int8']:.4f}"
-        f"   on {metrics['test_examples']} test images",
-        f"  model size     fp32 {_kib(export['fp32_bytes'])}   int8 {_kib(export['int8_bytes'])}"
-        f"   ({export['int8_bytes'] / export['fp32_bytes']:.2f}x)",
-        f"  trained on     {', '.join(card['lineage']['training_batches'])}",
-        f"  parent         {card['lineage']['parent_champion'] or 'none'}   W&B run {card['lineage']['wandb_run_id']}",
+        f"  test accuracy  fp32 {metrics.test_accuracy:.4f}   int8 {metrics.test_accuracy_int8:.4f}"
+        f"   on {metrics.test_examples} test images",
+        f"  model size     fp32 {_kib(export.fp32_bytes)}   int8 {_kib(export.int8_bytes)}"
+        f"   ({export.int8_bytes / export.fp32_bytes:.2f}x)",
+        f"  trained on     {', '.join(lineage.training_batches)}",
+        f"  parent         {lineage.parent_champion or 'none'}   W&B run {lineage.wandb_run_id}",
+        f"  promoted       {card.gates.evaluation.reasons[0]}",
     ]
 
 
@@ -98,14 +99,13 @@ def print_status(flywheel: FlywheelHome) -> None:
             card = version.card()
             rows.append({
                 "version": version.version + (" *" if champion and champion.version == version.version else ""),
-                "created": card["created_at"][:19],
-                "test acc": round(card["metrics"]["test_accuracy"], 4),
-                "int8 acc": round(card["metrics"]["test_accuracy_int8"], 4),
-                "eval gate": "pass" if card["gates"]["evaluation"]["passed"] else "FAIL",
-                "export gate": "pass" if card["gates"]["export"]["passed"] else "FAIL",
-                # Cards written before the served-model gate existed have no verdict of it.
-                "served gate": "-" if "served" not in card["gates"] else "pass" if card["gates"]["served"]["passed"] else "FAIL",
-                "parent": card["lineage"]["parent_champion"] or "-",
+                "created": card.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                "test acc": round(card.metrics.test_accuracy, 4),
+                "int8 acc": round(card.metrics.test_accuracy_int8, 4),
+                "eval gate": "pass" if card.gates.evaluation.passed else "FAIL",
+                "export gate": "pass" if card.gates.export.passed else "FAIL",
+                "served gate": "pass" if card.gates.served.passed else "FAIL",
+                "parent": card.lineage.parent_champion or "-",
             })
         print(_table(rows))
     history = stored_values(flywheel, "drift_report")

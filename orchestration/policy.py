@@ -22,6 +22,7 @@ import dagster as dg
 from pydantic import Field
 
 from orchestration.instance import ABANDONED_TAG
+from training.card import ModelCard
 
 RETRAINING_KEY_TAG = "flywheel/retraining"
 REASON_TAG = "flywheel/reason"
@@ -47,16 +48,16 @@ class RetrainingDecision:
 
 
 def decide(
-    champion_card: dict | None, drift_reports: list[dict], accuracy_margin: float, schedule_due: bool = False,
+    champion_card: ModelCard | None, drift_reports: list[dict], accuracy_margin: float, schedule_due: bool = False,
 ) -> RetrainingDecision:
     """`drift_reports`: the latest `drift_report` value of each batch."""
     if champion_card is None:
         return RetrainingDecision(True, ["there is no champion yet"])
-    trained_on = set(champion_card["lineage"]["training_batches"])
+    trained_on = set(champion_card.lineage.training_batches)
     reasons = []
     for report in drift_reports:
         batch = report["batch_id"]
-        if batch in trained_on or report["champion"] != champion_card["version"]:
+        if batch in trained_on or report["champion"] != champion_card.version:
             continue  # the champion already learned from it, or the report is about another champion
         if report["drifted"]:
             reasons.append(
@@ -64,11 +65,11 @@ def decide(
                 f"embedding MMD p={report['embedding']['p_value']:.3f})"
             )
         accuracy = report["champion_accuracy"]
-        floor = champion_card["metrics"]["test_accuracy"] - accuracy_margin
+        floor = champion_card.metrics.test_accuracy - accuracy_margin
         if accuracy is not None and accuracy < floor:
             reasons.append(
                 f"champion accuracy on batch {batch}'s labels is {accuracy:.3f}, below its test accuracy "
-                f"{champion_card['metrics']['test_accuracy']:.3f} - margin {accuracy_margin}"
+                f"{champion_card.metrics.test_accuracy:.3f} - margin {accuracy_margin}"
             )
     if schedule_due:
         reasons.append("the retraining schedule is due")

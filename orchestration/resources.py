@@ -10,6 +10,8 @@ import dagster as dg
 from pydantic import Field
 import torch
 
+from training.config import ComputeConfig, ModelConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,8 +31,8 @@ class FlywheelHome(dg.ConfigurableResource):
     """The data root and the facts about the data every stage must agree on."""
 
     home: str = Field("", description="Data root; empty means $FLYWHEEL_HOME, else .flywheel in the repository.")
-    num_classes: int = Field(10, ge=2, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
-    resolution: int = Field(32, ge=8, le=1024, description="Square training and serving resolution in pixels.")
+    num_classes: int = ModelConfig.model_fields["num_classes"]
+    resolution: int = ModelConfig.model_fields["resolution"]
     settings_file: str = Field(
         "", description="Per-asset run settings (the `flywheel run --config` YAML) that the sensors and the schedule "
         "put on the runs they request; empty means $FLYWHEEL_HOME/settings.yaml when it exists.",
@@ -82,15 +84,15 @@ class TrainingCompute(dg.ConfigurableResource):
     """Where training runs. The asset is the same on a laptop, a multi-GPU box or a cluster; only
     this changes (see the README's scale-out guide)."""
 
-    accelerator: str = Field("auto", description="auto: cuda when present, else cpu.")
+    accelerator: str = ComputeConfig.model_fields["accelerator"]
     devices: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*)$", description="Processes per node: a number, or auto (all GPUs, else 1).")
-    num_nodes: int = Field(1, ge=1, description="Nodes taking part; >1 needs rdzv_endpoint.")
+    num_nodes: int = ComputeConfig.model_fields["num_nodes"]
     node_rank: int = Field(0, ge=0, description="This node's rank when num_nodes > 1.")
     rdzv_endpoint: str = Field("", description="host:port of the rendezvous for multi-node training.")
-    strategy: str = Field("auto", description="Lightning strategy; auto is ddp when several processes run.")
+    strategy: str = ComputeConfig.model_fields["strategy"]
     precision: str = Field("", description="Empty picks per accelerator (32-true on CPU, bf16-mixed on GPUs).")
-    compile: bool = Field(False, description="torch.compile the network.")
-    num_workers: int = Field(2, ge=1, description="FFCV loader threads per process.")
+    compile: bool = ComputeConfig.model_fields["compile"]
+    num_workers: int = ComputeConfig.model_fields["num_workers"]
 
     def processes_per_node(self) -> int:
         if self.devices != "auto":

@@ -78,16 +78,54 @@ def trained_weights(digits_splits: dict, tmp_path_factory: pytest.TempPathFactor
     return Path(result.weights_path)
 
 
+SERVABLE_RESOLUTION = 8  # the smallest a card's model may declare
+
+
+def model_card(
+    *, training_batches: tuple[str, ...] = ("digits-000",), test_accuracy: float = 0.9, resolution: int = SERVABLE_RESOLUTION,
+    parent_champion: str | None = None,
+):
+    """A complete, valid model card with plausible figures, for versions the tests publish by hand."""
+    from training.card import CardGates, CardMetrics, ExportSummary, GateVerdict, InputSpec, Lineage, ModelCard
+    from training.config import ModelConfig
+    from training.export import ExportGatePolicy
+    from training.gate import GateDecision
+
+    passed = GateDecision(passed=True, reasons=["published by a test"], model="fp32")
+    return ModelCard(
+        created_at="2026-01-01T00:00:00Z",
+        class_names=[str(index) for index in range(10)],
+        input=InputSpec(height=resolution, width=resolution),
+        model=ModelConfig(resolution=resolution),
+        metrics=CardMetrics(
+            test_accuracy=test_accuracy, test_macro_f1=test_accuracy, test_ece=0.02, test_examples=100,
+            test_accuracy_onnx_fp32=test_accuracy, test_accuracy_int8=test_accuracy, test_ece_int8=0.02,
+            val_accuracy=test_accuracy, per_batch={},
+        ),
+        export=ExportSummary(
+            fp32_bytes=1000, int8_bytes=300, parity_max_abs_diff=0.0, exporter="test", int8_recipe="test",
+            int8_recipe_trials=[], settings=ExportGatePolicy(max_accuracy_drop=0.01, max_size_ratio=0.3, max_parity_diff=1e-3),
+        ),
+        gates=CardGates(evaluation=passed, export=GateVerdict(passed=True, reasons=[]), served=passed.model_copy(update={"model": "int8"})),
+        lineage=Lineage(
+            training_batches=list(training_batches), training_attempt="test", parent_champion=parent_champion,
+            compared_with_champion=parent_champion, code_version="test", wandb_run_id="offline-test",
+            dagster_run_id="test", inputs_fingerprint="test",
+        ),
+    )
+
+
 def write_servable_files(folder: Path, logits_bias: float = 0.0) -> Path:
-    """The three model files of a registry version, tiny but real: ONNX graphs that ONNX Runtime
-    serves under the contract (uint8 `image` [N, 2, 2, 3] -> float `logits` [N, 10]) and safetensors."""
+    """The three model files of a registry version, tiny but real: ONNX graphs that ONNX Runtime serves
+    under the contract (uint8 `image` [N, 8, 8, 3] -> float `logits` [N, 10]) and safetensors."""
     import numpy as np
     import onnx
     import torch
     from onnx import TensorProto, helper, numpy_helper
     from safetensors.torch import save_file
 
-    weights = np.full((12, 10), 0.01, np.float32)
+    side = SERVABLE_RESOLUTION
+    weights = np.full((side * side * 3, 10), 0.01, np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
@@ -96,7 +134,7 @@ def write_servable_files(folder: Path, logits_bias: float = 0.0) -> Path:
             helper.make_node("Add", ["product", "bias"], ["logits"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 2, 2, 3])],
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", side, side, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(np.full(10, logits_bias, np.float32), "bias")],
     )

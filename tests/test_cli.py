@@ -12,6 +12,7 @@ from training.config import ModelConfig
 from training.inference import load_classifier
 from training.export import export_candidate
 from training.registry import WEIGHTS_FILE, Registry
+from tests.conftest import model_card
 
 
 def run_cli(*args: str) -> int:
@@ -28,14 +29,7 @@ def champion(home: Path, trained_weights: Path, digits_splits: dict) -> Path:
     network = load_classifier(trained_weights, ModelConfig(width=32))
     report = export_candidate(network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"], digits_splits["labels"]["test"], staging, ExportConfig().max_accuracy_drop)
     shutil.copyfile(trained_weights, staging / WEIGHTS_FILE)
-    card = {
-        "input": {"height": 32, "width": 32},
-        "metrics": {"test_accuracy": report.fp32_accuracy, "test_accuracy_int8": report.int8_accuracy, "test_examples": 100},
-        "export": {"fp32_bytes": report.fp32_bytes, "int8_bytes": report.int8_bytes},
-        "lineage": {"training_batches": ["a"], "parent_champion": None, "wandb_run_id": "x"},
-        "gates": {"evaluation": {"passed": True}, "export": {"passed": True}},
-        "created_at": "2026-01-01T00:00:00",
-    }
+    card = model_card(resolution=32, training_batches=("a",), test_accuracy=report.fp32_accuracy)
     version = registry.publish(staging, card)
     registry.promote(version.version, "test")
     return home
@@ -90,7 +84,7 @@ def test_predict_scores_good_files_and_reports_bad_ones(champion: Path, tmp_path
     assert f"{junk}: not a readable parquet file" in err
     assert f"{with_bad_row}: row 2" in err
     predictions = pl.read_csv(output)
-    assert predictions.columns == ["image_id", "label", "probability"]
+    assert predictions.columns == ["image_id", "label", "label_name", "probability"]
     assert predictions.height == 12 + 2 + 1
     assert predictions["label"].is_between(0, 9).all() and predictions["probability"].is_between(0, 1).all()
     truth = pl.read_parquet(landing).select("image_id", pl.col("label").alias("truth"))

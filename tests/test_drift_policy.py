@@ -2,6 +2,8 @@ import numpy as np
 import polars as pl
 
 from orchestration.policy import RetrainingPolicy, decide
+from tests.conftest import model_card
+from training.card import ModelCard
 from transforms.drift import DriftPolicy, dataset_drift, feature_drift
 
 
@@ -28,8 +30,8 @@ def test_large_references_use_normalised_wasserstein():
 MARGIN = RetrainingPolicy().accuracy_margin
 
 
-def card(version: str = "v0001", batches=("a",), accuracy: float = 0.98) -> dict:
-    return {"version": version, "lineage": {"training_batches": list(batches)}, "metrics": {"test_accuracy": accuracy}}
+def card(version: str = "v0001", batches=("a",), accuracy: float = 0.98) -> ModelCard:
+    return model_card(training_batches=batches, test_accuracy=accuracy).model_copy(update={"version": version})
 
 
 def report(batch: str, drift: bool = False, accuracy: float | None = None, champion: str = "v0001") -> dict:

@@ -11,7 +11,7 @@ from orchestration.assets.deployment import ExportConfig
 from training.export import export_candidate, export_gate
 from training.registry import CARD_FILE, Registry, RegistryError
 
-from tests.conftest import write_servable_files
+from tests.conftest import model_card, write_servable_files
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def staged(registry: Registry, name: str) -> Path:
 
 def test_publish_creates_immutable_numbered_versions(tmp_path: Path):
     registry = Registry(tmp_path / "registry")
-    first = registry.publish(staged(registry, "a"), {"metrics": {}})
-    second = registry.publish(staged(registry, "b"), {"metrics": {}})
+    first = registry.publish(staged(registry, "a"), model_card())
+    second = registry.publish(staged(registry, "b"), model_card())
     assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
     assert json.loads((second.path / CARD_FILE).read_text())["version"] == "v0002"
     assert first.path != second.path and not list(registry.root.glob(".staging-*"))
@@ -65,15 +65,15 @@ def test_publish_refuses_an_incomplete_version(tmp_path: Path):
     folder = registry.staging_dir("partial")
     (folder / "model.onnx").write_bytes(b"x")
     with pytest.raises(RegistryError, match="model.int8.onnx is missing"):
-        registry.publish(folder, {})
+        registry.publish(folder, model_card())
     assert registry.versions() == []
 
 
 def test_a_crash_between_publish_and_promote_keeps_the_old_champion(tmp_path: Path):
     registry = Registry(tmp_path / "registry")
-    v1 = registry.publish(staged(registry, "a"), {})
+    v1 = registry.publish(staged(registry, "a"), model_card())
     registry.promote(v1.version, "first")
-    registry.publish(staged(registry, "b"), {})  # ... and the process dies before promote()
+    registry.publish(staged(registry, "b"), model_card())  # ... and the process dies before promote()
     assert registry.champion().version == "v0001"
     # A pointer write interrupted before its rename leaves only a hidden partial file behind.
     (registry.root / ".champion.partial").write_text("v0002")
@@ -82,8 +82,8 @@ def test_a_crash_between_publish_and_promote_keeps_the_old_champion(tmp_path: Pa
 
 def test_promotion_history_and_a_broken_pointer(tmp_path: Path):
     registry = Registry(tmp_path / "registry")
-    v1 = registry.publish(staged(registry, "a"), {})
-    v2 = registry.publish(staged(registry, "b"), {})
+    v1 = registry.publish(staged(registry, "a"), model_card())
+    v2 = registry.publish(staged(registry, "b"), model_card())
     registry.promote(v1.version, "first")
     registry.promote(v2.version, "better")
     assert [h["champion"] for h in registry.history()] == ["v0001", "v0002"]
@@ -98,7 +98,7 @@ def test_promotion_history_and_a_broken_pointer(tmp_path: Path):
 def test_rollback_restores_the_champion_it_replaced(tmp_path: Path):
     registry = Registry(tmp_path / "registry")
     for name in "abc":
-        registry.promote(registry.publish(staged(registry, name), {}).version, "better")
+        registry.promote(registry.publish(staged(registry, name), model_card()).version, "better")
     assert registry.champion().version == "v0003"
     assert registry.rollback().version == "v0002"
     assert registry.rollback(to="v0001").version == "v0001"
@@ -107,5 +107,5 @@ def test_rollback_restores_the_champion_it_replaced(tmp_path: Path):
     with pytest.raises(RegistryError, match="there is no champion"):
         fresh.rollback()
     with pytest.raises(RegistryError, match="replaced no earlier champion"):
-        fresh.promote(fresh.publish(staged(fresh, "x"), {}).version, "first")
+        fresh.promote(fresh.publish(staged(fresh, "x"), model_card()).version, "first")
         fresh.rollback()

@@ -115,8 +115,8 @@ def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path):
     v2 = registry.champion()
     assert v2.version == "v0002"
     card = v2.card()
-    assert card["gates"]["evaluation"]["passed"] and card["lineage"]["parent_champion"] == "v0001"
-    assert "invert-000" in card["lineage"]["training_batches"]
+    assert card.gates.all_passed and card.lineage.parent_champion == "v0001"
+    assert "invert-000" in card.lineage.training_batches
 
     images, labels = held_out_drifted(home)
     accuracy = {

@@ -21,7 +21,7 @@ from flywheel.loop import run_tick
 from orchestration.policy import REASON_TAG, RetrainingPolicy
 from orchestration.resources import FlywheelHome
 from orchestration.sensors import landing_sensor
-from tests.conftest import write_servable_files
+from tests.conftest import model_card, write_servable_files
 from training.registry import Registry
 from transforms.simulate import SimulationSpec, simulate_batches
 
@@ -143,11 +143,7 @@ def champion_with_drift_report(home: Path, instance: dg.DagsterInstance) -> None
     registry = Registry(home / "registry")
     staging = registry.staging_dir("test")
     write_servable_files(staging)
-    card = {
-        "lineage": {"training_batches": ["old"]}, "metrics": {"test_accuracy": 0.98},
-        "gates": {"evaluation": {"passed": True, "reasons": []}, "export": {"passed": True, "reasons": []}},
-    }
-    registry.promote(registry.publish(staging, card).version, reason="test")
+    registry.promote(registry.publish(staging, model_card(training_batches=("old",), test_accuracy=0.98)).version, reason="test")
     instance.add_dynamic_partitions("batches", ["new"])
     folder = home / "values" / "drift_report"
     folder.mkdir(parents=True)

@@ -72,11 +72,15 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     champion = registry.champion()
     assert champion is not None and champion.version == "v0001"
     card = champion.card()
-    assert card["metrics"]["test_accuracy"] >= 0.8, card["metrics"]
-    assert all(card["gates"][gate]["passed"] for gate in ("evaluation", "export", "served"))
-    assert card["lineage"]["training_batches"] == batches
-    assert card["lineage"]["wandb_run_id"]
-    assert card["input"] == {"name": "image", "dtype": "uint8", "layout": "NHWC", "height": 32, "width": 32, "channels": 3}
+    assert card.metrics.test_accuracy >= 0.8, card.metrics
+    assert card.gates.all_passed
+    assert card.lineage.training_batches == batches
+    assert card.lineage.wandb_run_id
+    assert card.class_names == [str(c) for c in range(10)]
+    # card.json as other tools read it (DESIGN.md's model contract).
+    stored = json.loads((champion.path / "card.json").read_text())
+    assert stored["version"] == "v0001"
+    assert stored["input"] == {"name": "image", "dtype": "uint8", "layout": "NHWC", "height": 32, "width": 32, "channels": 3}
 
     # The ONNX contract: uint8 NHWC in, float32 logits out, any batch size.
     session = onnx_session(champion.int8)
@@ -88,7 +92,7 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     assert champion.weights.exists() and champion.fp32.exists()
 
     # W&B ran offline under the data root and kept the training metrics.
-    offline_runs = list((home / "wandb").glob(f"offline-run-*-{card['lineage']['wandb_run_id']}"))
+    offline_runs = list((home / "wandb").glob(f"offline-run-*-{card.lineage.wandb_run_id}"))
     assert len(offline_runs) == 1
 
     drift = dg.materialize(assets("drift_report"), partition_key=batches[0], resources=resources, instance=instance)

@@ -29,11 +29,11 @@ class ComputeConfig(BaseModel):
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backbone: Literal["resnet_small"] = "resnet_small"
+    backbone: Literal["resnet_small"] = Field("resnet_small", description="The network: a small ResNet for small images.")
     width: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages double it.")
     blocks_per_stage: int = Field(1, ge=1, description="Residual blocks in each of the three stages (1: ResNet-8).")
-    num_classes: int = Field(10, ge=2)
-    resolution: int = Field(32, ge=8, description="Square input size in pixels (H = W).")
+    num_classes: int = Field(10, ge=2, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
+    resolution: int = Field(32, ge=8, le=1024, description="Square training and serving resolution in pixels (H = W).")
 
 
 class OptimConfig(BaseModel):
@@ -41,11 +41,11 @@ class OptimConfig(BaseModel):
 
     epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
     batch_size: int = Field(64, ge=1, description="Per process; the global batch is this times the world size.")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum 0.9.")
     schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="Learning-rate schedule, stepped per batch.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(5e-4, ge=0)
-    seed: int = 0
+    weight_decay: float = Field(5e-4, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
 
 
 class FitConfig(BaseModel):

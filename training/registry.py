@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
+from pydantic import ValidationError
 from safetensors import safe_open
 
+from training.card import ModelCard
 from training.inference import onnx_session
 
 VERSION_PATTERN = re.compile(r"v(\d{4,})")
@@ -52,12 +54,18 @@ class ModelVersion:
     def weights(self) -> Path:
         return self.path / WEIGHTS_FILE
 
-    def card(self) -> dict:
+    def card(self) -> ModelCard:
         card_path = self.path / CARD_FILE
         try:
-            return json.loads(card_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+            return ModelCard.model_validate_json(card_path.read_bytes())
+        except OSError as error:
             raise RegistryError(f"model card {card_path} is unreadable: {error}") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the file"
+            raise RegistryError(
+                f"model card {card_path} is not a valid card: {where}: {first['msg']} ({error.error_count()} problem(s))"
+            ) from None
 
     def inference_session(self, file: str = INT8_FILE) -> ort.InferenceSession:
         """An ONNX Runtime session on one of the version's models, checked against the ONNX contract."""
@@ -102,7 +110,7 @@ class Registry:
             raise RegistryError(f"model version {version} is not in the registry at {self.root}")
         return ModelVersion(version, path)
 
-    def publish(self, staging_dir: Path, card: dict) -> ModelVersion:
+    def publish(self, staging_dir: Path, card: ModelCard) -> ModelVersion:
         """Move a complete staging folder into the registry as the next version, with its card."""
         self.root.mkdir(parents=True, exist_ok=True)
         for required in (FP32_FILE, INT8_FILE, WEIGHTS_FILE):
@@ -111,7 +119,7 @@ class Registry:
         while True:
             number = max((int(v.version[1:]) for v in self.versions()), default=0) + 1
             version = f"v{number:04d}"
-            (staging_dir / CARD_FILE).write_text(json.dumps({**card, "version": version}, indent=2))
+            (staging_dir / CARD_FILE).write_text(card.model_copy(update={"version": version}).model_dump_json(indent=2))
             _fsync_dir_files(staging_dir)
             try:
                 # rename() of a directory onto a new name is atomic; it fails if the name was taken.
@@ -141,7 +149,7 @@ class Registry:
     def find(self, fingerprint: str) -> ModelVersion | None:
         """The version published from inputs with this fingerprint (card `lineage.inputs_fingerprint`)."""
         for version in self.versions():
-            if version.card().get("lineage", {}).get("inputs_fingerprint") == fingerprint:
+            if version.card().lineage.inputs_fingerprint == fingerprint:
                 return version
         return None
 

@@ -11,23 +11,25 @@ from pathlib import Path
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk.internal.datastore import DataStore
 
+from training.card import ModelCard
+
 
 def wandb_mode() -> str:
     """Offline unless the user gave an API key; an explicit WANDB_MODE always wins."""
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
-def log_model_artifact(version_dir: Path, version: str, card: dict, save_dir: Path, project: str = "flywheel") -> str:
+def log_model_artifact(version_dir: Path, version: str, card: ModelCard, save_dir: Path, project: str = "flywheel") -> str:
     """Log a registry version's files as a W&B model artifact (aliases: the version), offline-safe.
     Returns the id of the W&B run that logged it."""
     import wandb
 
     run = wandb.init(
         project=project, dir=str(save_dir), mode=wandb_mode(), job_type="export", name=f"export-{version}",
-        config={"version": version, "training_run": card.get("lineage", {}).get("wandb_run_id")},
+        config={"version": version, "training_run": card.lineage.wandb_run_id},
     )
     try:
-        artifact = wandb.Artifact("flywheel-classifier", type="model", metadata={"version": version, "metrics": card.get("metrics", {})})
+        artifact = wandb.Artifact("flywheel-classifier", type="model", metadata={"version": version, "metrics": card.metrics.model_dump()})
         for file in sorted(version_dir.iterdir()):
             artifact.add_file(str(file), name=file.name)
         run.log_artifact(artifact, aliases=[version])

@@ -3,7 +3,6 @@ to champion only when the evaluation gate and the export gate both passed."""
 
 import shutil
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -12,11 +11,12 @@ from pydantic import Field
 
 from orchestration.metadata import code_version, inputs_fingerprint, markdown_table
 from orchestration.resources import FlywheelHome
+from training.card import GateVerdict, Lineage, build_card
 from training.config import ModelConfig
 from training.data import read_beton
-from training.evaluate import TestSet, evaluate_candidate
+from training.evaluate import Metrics, TestSet, evaluate_candidate
 from training.export import ExportGatePolicy, export_candidate, export_gate
-from training.gate import GatePolicy
+from training.gate import GateDecision, GatePolicy
 from training.inference import load_classifier, onnx_session, predict_onnx
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
 from training.tracking import log_model_artifact
@@ -57,31 +57,31 @@ def exported_model(
         version = _export_and_publish(context, config, registry, fingerprint, ffcv_datasets, trained_model, model_evaluation)
         artifact_run = log_model_artifact(version.path, version.version, version.card(), flywheel.root)
     card = version.card()
-    export, gate, served = card["export"], card["gates"]["export"], card["gates"]["served"]
-    for reason in gate["reasons"]:
+    export, gate, served = card.export, card.gates.export, card.gates.served
+    for reason in gate.reasons:
         context.log.info(f"export gate: {reason}")
-    for reason in served["reasons"]:
+    for reason in served.reasons:
         context.log.info(f"served model gate: {reason}")
-    trials = pl.DataFrame(export["int8_recipe_trials"]).sort("latency_ms_batch64")
+    trials = pl.DataFrame([asdict(trial) for trial in export.int8_recipe_trials]).sort("latency_ms_batch64")
     return dg.Output(
-        {"version": version.version, "path": str(version.path), "export_gate": gate, "served_gate": served},
+        {"version": version.version, "path": str(version.path), "export_gate": gate.model_dump(), "served_gate": served.model_dump()},
         metadata={
             "version": version.version,
             "newly_published": artifact_run is not None,
             "registry_path": dg.MetadataValue.path(str(version.path)),
-            "fp32_bytes": export["fp32_bytes"],
-            "int8_bytes": export["int8_bytes"],
-            "int8_size_ratio": round(export["int8_bytes"] / export["fp32_bytes"], 4),
-            "fp32_test_accuracy": card["metrics"]["test_accuracy_onnx_fp32"],
-            "int8_test_accuracy": card["metrics"]["test_accuracy_int8"],
-            "parity_max_abs_diff": export["parity_max_abs_diff"],
-            "int8_recipe": export["int8_recipe"],
+            "fp32_bytes": export.fp32_bytes,
+            "int8_bytes": export.int8_bytes,
+            "int8_size_ratio": round(export.int8_bytes / export.fp32_bytes, 4),
+            "fp32_test_accuracy": card.metrics.test_accuracy_onnx_fp32,
+            "int8_test_accuracy": card.metrics.test_accuracy_int8,
+            "parity_max_abs_diff": export.parity_max_abs_diff,
+            "int8_recipe": export.int8_recipe,
             "int8_recipe_trials": markdown_table(trials),
             "wandb_artifact_run": artifact_run or "none (already logged when published)",
-            "export_gate_passed": gate["passed"],
-            "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
-            "served_gate_passed": served["passed"],
-            "served_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in served["reasons"])),
+            "export_gate_passed": gate.passed,
+            "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in gate.reasons)),
+            "served_gate_passed": served.passed,
+            "served_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in served.reasons)),
         },
     )
 
@@ -109,47 +109,23 @@ def _export_and_publish(
         test, model_config.num_classes, GatePolicy.model_validate(model_evaluation["gate_policy"]), "int8",
     )
     shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
-    card = {
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "class_names": [str(c) for c in range(model_config.num_classes)],
-        "input": {"name": "image", "dtype": "uint8", "layout": "NHWC", "height": model_config.resolution, "width": model_config.resolution, "channels": 3},
-        "output": {"name": "logits", "dtype": "float32"},
-        "model": model_config.model_dump(),
-        "metrics": {
-            "test_accuracy": model_evaluation["candidate"]["accuracy"],
-            "test_macro_f1": model_evaluation["candidate"]["macro_f1"],
-            "test_ece": model_evaluation["candidate"]["ece"],
-            "test_examples": model_evaluation["candidate"]["count"],
-            "test_accuracy_onnx_fp32": report.fp32_accuracy,
-            "test_accuracy_int8": report.int8_accuracy,
-            "test_ece_int8": served.candidate.ece,
-            "val_accuracy": trained_model["val_accuracy"],
-            "per_batch": model_evaluation["candidate"]["slices"],
-        },
-        "export": {
-            "fp32_bytes": report.fp32_bytes, "int8_bytes": report.int8_bytes,
-            "parity_max_abs_diff": report.parity_max_abs_diff,
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "int8_recipe": report.int8_recipe,
-            "int8_recipe_trials": [asdict(t) for t in report.recipe_trials],
-            "settings": config.model_dump(),
-        },
-        "gates": {
-            "evaluation": model_evaluation["gate"],
-            "export": {"passed": passed, "reasons": reasons},
-            "served": served.gate.model_dump(),
-        },
-        "lineage": {
-            "training_batches": trained_model["training_batches"],
-            "training_attempt": trained_model["attempt"],
-            "parent_champion": trained_model["parent_champion"],
-            "compared_with_champion": model_evaluation["champion_version"],
-            "code_version": code_version(),
-            "wandb_run_id": trained_model["wandb_run_id"],
-            "dagster_run_id": context.run_id,
-            "inputs_fingerprint": fingerprint,
-        },
-    }
+    card = build_card(
+        model_config, Metrics(**model_evaluation["candidate"]), trained_model["val_accuracy"], report, config.policy(),
+        evaluation_gate=GateDecision.model_validate(model_evaluation["gate"]),
+        export_gate=GateVerdict(passed=passed, reasons=reasons),
+        served_ece=served.candidate.ece,
+        served_gate=served.gate,
+        lineage=Lineage(
+            training_batches=trained_model["training_batches"],
+            training_attempt=trained_model["attempt"],
+            parent_champion=trained_model["parent_champion"],
+            compared_with_champion=model_evaluation["champion_version"],
+            code_version=code_version(),
+            wandb_run_id=trained_model["wandb_run_id"],
+            dagster_run_id=context.run_id,
+            inputs_fingerprint=fingerprint,
+        ),
+    )
     return registry.publish(staging, card)
 
 
@@ -177,15 +153,15 @@ def champion_model(
         failed = [name for name, ok in gates.items() if not ok]
         context.log.warning(f"{candidate} was not promoted: the {' and '.join(failed)} gate failed")
     champion = registry.champion()
-    card = champion.card() if champion else {}
+    metrics = champion.card().metrics if champion else None
     return dg.Output(
         {"champion": champion.version if champion else None, "candidate": candidate, "promoted": promoted},
         metadata={
             "champion": champion.version if champion else "none",
             "candidate": candidate,
             "promoted": promoted,
-            "champion_test_accuracy": card.get("metrics", {}).get("test_accuracy", float("nan")),
-            "champion_int8_test_accuracy": card.get("metrics", {}).get("test_accuracy_int8", float("nan")),
+            "champion_test_accuracy": metrics.test_accuracy if metrics else float("nan"),
+            "champion_int8_test_accuracy": metrics.test_accuracy_int8 if metrics else float("nan"),
             "champion_path": dg.MetadataValue.path(str(champion.path)) if champion else "none",
         },
     )

@@ -12,7 +12,7 @@ from orchestration.metadata import drift_over_time_png, markdown_image, markdown
 from orchestration.partitions import batch_partitions
 from orchestration.policy import RetrainingPolicy
 from orchestration.resources import FlywheelHome
-from training.config import ModelConfig
+from training.card import ModelCard
 from training.inference import embed_and_predict, load_classifier, predict_onnx
 from training.registry import ModelVersion, Registry
 from training.tracking import log_monitoring
@@ -30,7 +30,7 @@ class DriftConfig(dg.Config):
     reference_rows: int = Field(1000, ge=10, description="Training images sampled as the reference for embeddings and predictions.")
 
 
-def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: dict, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The champion's embeddings and predictions on a sample of its training images, computed once
     per champion and kept beside the monitoring reports (plain .npy, never pickled)."""
     folder = flywheel.root / "monitoring" / champion.version
@@ -39,9 +39,9 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: dict, rows:
         return np.load(embeddings_path, allow_pickle=False), np.load(predictions_path, allow_pickle=False)
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         records = warehouse.split_records(
-            connection, "train", card["input"]["height"], batch_ids=card["lineage"]["training_batches"], limit=rows
+            connection, "train", card.resolution, batch_ids=card.lineage.training_batches, limit=rows
         )
-    network = load_classifier(champion.weights, ModelConfig.model_validate(card["model"]))
+    network = load_classifier(champion.weights, card.model)
     embeddings, predictions = embed_and_predict(network, records.images)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(embeddings_path, embeddings)
@@ -70,15 +70,15 @@ def drift_report(
     card = champion.card()
     policy = DriftPolicy(config.ks_p_value, config.distance_threshold, config.small_reference, config.dataset_drift_share)
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
-        reference_stats = warehouse.image_stats(connection, card["lineage"]["training_batches"], split="train")
+        reference_stats = warehouse.image_stats(connection, card.lineage.training_batches, split="train")
         current_stats = warehouse.image_stats(connection, [batch_id])
-        records = warehouse.batch_records(connection, batch_id, card["input"]["height"])
+        records = warehouse.batch_records(connection, batch_id, card.resolution)
     if current_stats.is_empty():
         raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
 
     features = dataset_drift(reference_stats, current_stats, list(STAT_COLUMNS), policy)
     reference_embeddings, reference_predictions = _reference(flywheel, champion, card, config.reference_rows)
-    network = load_classifier(champion.weights, ModelConfig.model_validate(card["model"]))
+    network = load_classifier(champion.weights, card.model)
     embeddings, _ = embed_and_predict(network, records.images)
     embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
     # What is served is the int8 file: its predictions are the ones that count.
@@ -92,14 +92,14 @@ def drift_report(
     value = {
         "batch_id": batch_id,
         "champion": champion.version,
-        "reference_batches": card["lineage"]["training_batches"],
+        "reference_batches": card.lineage.training_batches,
         **features.to_dict(),
         "embedding": embedding.__dict__,
         "predictions": classes.__dict__,
         "drifted": drifted,
         "labeled_rows": int(labeled.sum()),
         "champion_accuracy": champion_accuracy,
-        "champion_test_accuracy": card["metrics"]["test_accuracy"],
+        "champion_test_accuracy": card.metrics.test_accuracy,
     }
     history = [r for r in stored_values(flywheel, "drift_report") if r["batch_id"] != batch_id] + [value]
     plot = drift_over_time_png(history, flywheel.reports / "drift_over_time.png")

@@ -3,6 +3,7 @@ process group (Lightning's DDP launcher would otherwise re-execute Dagster itsel
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -15,13 +16,29 @@ from training.fit import RESULT_FILE
 from training.registry import Registry
 
 
+MODEL_FIELDS, OPTIM_FIELDS = ModelConfig.model_fields, OptimConfig.model_fields
+
+
 class TrainingConfig(dg.Config):
-    epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
-    batch_size: int = Field(64, ge=1, description="Per process.")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak of the one-cycle schedule.")
-    width: int = Field(32, ge=4, description="Channels of the first ResNet stage (~0.3M parameters at 32).")
-    seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
+    """The run's recipe. Defaults, limits and descriptions are `training.config`'s, so they live once."""
+
+    backbone: Literal["resnet_small"] = MODEL_FIELDS["backbone"]
+    width: int = MODEL_FIELDS["width"]
+    blocks_per_stage: int = MODEL_FIELDS["blocks_per_stage"]
+    epochs: int = OPTIM_FIELDS["epochs"]
+    batch_size: int = OPTIM_FIELDS["batch_size"]
+    optimizer: Literal["adamw", "sgd"] = OPTIM_FIELDS["optimizer"]
+    schedule: Literal["onecycle", "cosine", "constant"] = OPTIM_FIELDS["schedule"]
+    learning_rate: float = OPTIM_FIELDS["learning_rate"]
+    weight_decay: float = OPTIM_FIELDS["weight_decay"]
+    seed: int = OPTIM_FIELDS["seed"]
     warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
+
+    def model(self, num_classes: int, resolution: int) -> ModelConfig:
+        return ModelConfig(**self.model_dump(include=set(MODEL_FIELDS)), num_classes=num_classes, resolution=resolution)
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(**self.model_dump(include=set(OPTIM_FIELDS)))
 
 
 def attempt_id(datasets: dict, fit_payload: dict) -> str:
@@ -44,8 +61,8 @@ def trained_model(
     ffcv_datasets: dict,
 ) -> dg.Output[dict]:
     champion = Registry(flywheel.registry).champion()
-    model = ModelConfig(width=config.width, num_classes=flywheel.num_classes, resolution=flywheel.resolution)
-    optim = OptimConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed)
+    model = config.model(flywheel.num_classes, flywheel.resolution)
+    optim = config.optim()
     payload = {
         "model": model.model_dump(),
         "optim": optim.model_dump(),

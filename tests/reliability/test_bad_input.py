@@ -13,27 +13,16 @@ import pytest
 
 from orchestration.instance import get_instance
 from flywheel.loop import failure_message
-from tests.conftest import write_servable_files
+from tests.conftest import model_card, write_servable_files
 from tests.reliability.conftest import file_hashes, warehouse_snapshot
 from tests.test_cli import png_bytes, run_cli
 from training.registry import CHAMPION_FILE, HISTORY_FILE, Registry, RegistryError
 from transforms.landing import landed_files
 from transforms.simulate import DRIFT_KINDS, SimulationSpec, simulate_batches
 
-# What `flywheel status` and `flywheel predict` read from a card (the tiny models take 2x2 images).
-CARD = {
-    "input": {"height": 2, "width": 2},
-    "metrics": {"test_accuracy": 0.9, "test_accuracy_int8": 0.9, "test_examples": 100},
-    "export": {"fp32_bytes": 1000, "int8_bytes": 500},
-    "lineage": {"training_batches": ["digits-000"], "parent_champion": None, "wandb_run_id": "offline"},
-    "gates": {"evaluation": {"passed": True}, "export": {"passed": True}},
-    "created_at": "2026-01-01T00:00:00",
-}
-
-
 def publish_servable(registry: Registry, name: str) -> str:
     """Publish a tiny but real servable version; returns its version name."""
-    return registry.publish(write_servable_files(registry.staging_dir(name)), CARD).version
+    return registry.publish(write_servable_files(registry.staging_dir(name)), model_card()).version
 
 
 @pytest.fixture
@@ -216,7 +205,7 @@ def replace_int8_model_with_text(version_dir: Path) -> Path:
 def test_a_version_that_is_not_servable_is_never_promoted(registry: Registry, capsys, spoil, reason):
     staging = write_servable_files(registry.staging_dir("bad"))
     spoiled_name = spoil(staging).name
-    bad = registry.publish(staging, CARD)
+    bad = registry.publish(staging, model_card())
     before = file_hashes(registry.root)
 
     with pytest.raises(RegistryError) as refused:

@@ -118,7 +118,7 @@ def test_export_killed_mid_write(flywheel: Flywheel):
     assert "retraining: yes" in again.stdout and "drifted" in again.stdout  # the unanswered drift, answered now
     assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
     champion = registry.champion()
-    assert champion.version == "v0002" and "inverted-000" in champion.card()["lineage"]["training_batches"]
+    assert champion.version == "v0002" and "inverted-000" in champion.card().lineage.training_batches
     assert_no_partial_files(flywheel)
 
 

@@ -17,7 +17,7 @@ import torch
 from orchestration.instance import get_instance
 from flywheel.loop import failure_message
 from orchestration.resources import FlywheelHome
-from tests.conftest import write_servable_files
+from tests.conftest import model_card, write_servable_files
 from tests.test_cli import run_cli
 from training.registry import CHAMPION_FILE, ModelVersion, Registry, RegistryError
 from transforms.landing import LandingFileError, check_batch_id, read_landing_file
@@ -145,7 +145,7 @@ def test_rollback_to_a_traversal_is_not_a_model_version(home: Path, capsys):
 
 def test_a_champion_pointer_holding_a_traversal_is_refused(home: Path):
     registry = Registry(home / "registry")
-    registry.promote(registry.publish(write_servable_files(registry.staging_dir("a")), {}).version, "test")
+    registry.promote(registry.publish(write_servable_files(registry.staging_dir("a")), model_card()).version, "test")
     (registry.root / CHAMPION_FILE).write_text("../../../etc\n")
 
     with pytest.raises(RegistryError, match=r"names '\.\./\.\./\.\./etc', which is unusable: .* is not a model version"):
@@ -191,8 +191,7 @@ def test_the_wandb_key_is_in_no_file_a_model_artifact_upload_writes(tmp_path: Pa
     for variable in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
     registry = Registry(tmp_path / "registry")
-    card = {"metrics": {"test_accuracy": 0.9}, "lineage": {"wandb_run_id": "offline-train"}, "model": {"width": 8}}
-    version = registry.publish(write_servable_files(registry.staging_dir("a")), card)
+    version = registry.publish(write_servable_files(registry.staging_dir("a")), model_card())
     save_dir = tmp_path / "save"
 
     run_id = log_model_artifact(version.path, version.version, version.card(), save_dir)

@@ -1,0 +1,142 @@
+"""The model card: the typed contract of `registry/<version>/card.json` (DESIGN.md's model contract).
+
+Every reader (promotion, monitoring, the retraining policy, `flywheel status` and `predict`, W&B)
+validates the JSON into `ModelCard` and reads attributes, so a card that lacks a field fails at
+load, naming the field, not deep inside whoever reads it first.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from training.config import ModelConfig
+from training.evaluate import Metrics
+from training.export import ExportGatePolicy, ExportReport, RecipeTrial
+from training.gate import GateDecision
+
+
+class InputSpec(BaseModel, frozen=True):
+    name: Literal["image"] = "image"
+    dtype: Literal["uint8"] = "uint8"
+    layout: Literal["NHWC"] = "NHWC"
+    height: int
+    width: int
+    channels: Literal[3] = 3
+
+
+class OutputSpec(BaseModel, frozen=True):
+    name: Literal["logits"] = "logits"
+    dtype: Literal["float32"] = "float32"
+
+
+class SliceMetrics(BaseModel, frozen=True):
+    count: int
+    accuracy: float
+    macro_f1: float
+    ece: float
+
+
+class CardMetrics(BaseModel, frozen=True):
+    test_accuracy: float
+    test_macro_f1: float
+    test_ece: float
+    test_examples: int
+    test_accuracy_onnx_fp32: float
+    test_accuracy_int8: float
+    test_ece_int8: float
+    val_accuracy: float
+    per_batch: dict[str, SliceMetrics]
+
+
+class ExportSummary(BaseModel, frozen=True):
+    fp32_bytes: int
+    int8_bytes: int
+    parity_max_abs_diff: float
+    exporter: str
+    int8_recipe: str
+    int8_recipe_trials: list[RecipeTrial]
+    settings: ExportGatePolicy
+
+
+class GateVerdict(BaseModel, frozen=True):
+    passed: bool
+    reasons: list[str]
+
+
+class CardGates(BaseModel, frozen=True):
+    evaluation: GateDecision  # fp32 candidate against the champion's fp32 model
+    export: GateVerdict  # ONNX parity, int8 accuracy drop and size
+    served: GateDecision  # int8 candidate against the champion's int8 model
+
+    @property
+    def all_passed(self) -> bool:
+        return self.evaluation.passed and self.export.passed and self.served.passed
+
+
+class Lineage(BaseModel, frozen=True):
+    training_batches: list[str]
+    training_attempt: str
+    parent_champion: str | None
+    compared_with_champion: str | None
+    code_version: str
+    wandb_run_id: str | None
+    dagster_run_id: str
+    inputs_fingerprint: str
+
+
+class ModelCard(BaseModel, frozen=True):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    version: str = ""  # given by the registry when it publishes the card
+    created_at: datetime
+    class_names: list[str]
+    input: InputSpec
+    output: OutputSpec = OutputSpec()
+    model: ModelConfig
+    metrics: CardMetrics
+    export: ExportSummary
+    gates: CardGates
+    lineage: Lineage
+
+    @property
+    def resolution(self) -> int:
+        return self.input.height
+
+
+def build_card(
+    model: ModelConfig, candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
+    evaluation_gate: GateDecision, export_gate: GateVerdict, served_ece: float, served_gate: GateDecision,
+    lineage: Lineage,
+) -> ModelCard:
+    """The card of a candidate exported to ONNX: what it is, how it scored, and what the gates said."""
+    return ModelCard(
+        created_at=datetime.now(timezone.utc),
+        class_names=[str(index) for index in range(model.num_classes)],
+        input=InputSpec(height=model.resolution, width=model.resolution),
+        model=model,
+        metrics=CardMetrics(
+            test_accuracy=candidate.accuracy,
+            test_macro_f1=candidate.macro_f1,
+            test_ece=candidate.ece,
+            test_examples=candidate.count,
+            test_accuracy_onnx_fp32=report.fp32_accuracy,
+            test_accuracy_int8=report.int8_accuracy,
+            test_ece_int8=served_ece,
+            val_accuracy=val_accuracy,
+            per_batch=candidate.slices,
+        ),
+        export=ExportSummary(
+            fp32_bytes=report.fp32_bytes,
+            int8_bytes=report.int8_bytes,
+            parity_max_abs_diff=report.parity_max_abs_diff,
+            exporter="torch.onnx.export(dynamo=True)",
+            int8_recipe=report.int8_recipe,
+            int8_recipe_trials=report.recipe_trials,
+            settings=export_settings,
+        ),
+        gates=CardGates(evaluation=evaluation_gate, export=export_gate, served=served_gate),
+        lineage=lineage,
+    )
