@@ -1,4 +1,4 @@
-"""`flywheel`: simulate landing batches, run one tick of the loop, predict with the champion, show status.
+"""`flywheel`: land images or simulate landing batches, run one tick of the loop, predict with the champion, show status.
 
 Errors a user can cause end with a one-line message and exit code 2, never only a traceback.
 """
@@ -36,6 +36,31 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print(f"landed {path}")
     for path in kept:
         print(f"kept existing {path} (use --overwrite to replace it)")
+
+
+def cmd_land(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from transforms.land import LandError, default_prefix, land, open_source
+
+    flywheel = _flywheel()
+    problems: list[str] = []
+    try:
+        source = open_source(args.source, args.labels, problems)
+        with tqdm(total=source.total, desc=f"landing {args.source}", unit="image", disable=None) as bar:
+            report = land(source, flywheel.landing, args.batch_id or default_prefix(args.source), args.batch_size, problems, bar.update)
+    except LandError as error:
+        raise UserError(str(error)) from None
+    for problem in report.problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    for path in report.written:
+        print(f"landed {path}")
+    print(
+        f"landed {report.landed} new image(s) in {len(report.written)} batch file(s); "
+        f"{report.already_landed} already landed; {len(report.problems)} skipped"
+    )
+    if report.problems:
+        sys.exit(1)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -141,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flywheel", description="A continuous-learning pipeline for image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    land = commands.add_parser("land", help="land your images: an ImageFolder tree, a plain folder, or a CSV/Parquet manifest")
+    land.add_argument("source", help="a folder (SOURCE/<class>/<image> or images only) or a .csv/.parquet manifest "
+                      "with path_or_uri[, label][, image_id][, captured_at]; URIs are opened with fsspec (s3://, gs://, ...)")
+    land.add_argument("--labels", choices=("folders", "manifest", "none"), default=None,
+                      help="where labels come from (default: class folders for a folder, the label column of a manifest)")
+    land.add_argument("--batch-id", help="batch ids are BATCH_ID-000, -001, ... (default: from the source's name)")
+    land.add_argument("--batch-size", type=int, default=1000, help="new images per landing file (default 1000)")
+    land.set_defaults(handler=cmd_land)
+
     simulate = commands.add_parser("simulate", help="write landing batches from the bundled digits dataset")
     simulate.add_argument("--batches", type=int, default=4, help="how many batch files (default 4)")
     simulate.add_argument("--size", type=int, default=None, help="images per batch (default: the pool split evenly)")
@@ -182,12 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from flywheel.loop import TickFailed
     from flywheel.run_lock import RunInProgress
+    from orchestration.project import SettingsError
     from training.registry import RegistryError
     from transforms.landing import LandingFileError
 
     try:
         args.handler(args)
-    except (UserError, TickFailed, RunInProgress, RegistryError, LandingFileError, FileNotFoundError) as error:
+    except (UserError, TickFailed, RunInProgress, RegistryError, LandingFileError, SettingsError, FileNotFoundError) as error:
         print(f"flywheel {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,10 +8,9 @@ import polars as pl
 from orchestration.resources import FlywheelHome
 from training.inference import predict_onnx
 from training.registry import Registry, RegistryError
-from transforms.images import ImageRejected, decode_image, resize_rgb
+from transforms.images import IMAGE_SUFFIXES, ImageRejected, decode_image, resize_rgb
 from transforms.landing import LandingFileError, read_landing_file
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MAX_PIXELS = 4096 * 4096
 
 
@@ -24,7 +23,7 @@ def _images_of(path: Path, resolution: int) -> tuple[list[str], list[np.ndarray]
             return [], [], [f"{path}: {error}"]
         return [path.stem], [resize_rgb(decoded.pixels, resolution)], []
     if path.suffix.lower() != ".parquet":
-        return [], [], [f"{path}: not a .parquet, .png or .jpg file"]
+        return [], [], [f"{path}: not a .parquet file or an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"]
     try:
         frame = read_landing_file(path)
     except LandingFileError as error:

@@ -29,6 +29,7 @@ def champion_lines(flywheel: FlywheelHome) -> list[str]:
         f"   on {metrics.test_examples} test images",
         f"  model size     fp32 {_kib(export.fp32_bytes)}   int8 {_kib(export.int8_bytes)}"
         f"   ({export.int8_bytes / export.fp32_bytes:.2f}x)",
+        f"  classes        {', '.join(card.class_names[:20])}" + (f", ... ({len(card.class_names)})" if len(card.class_names) > 20 else ""),
         f"  trained on     {', '.join(lineage.training_batches)}",
         f"  parent         {lineage.parent_champion or 'none'}   W&B run {lineage.wandb_run_id}",
         f"  promoted       {card.gates.evaluation.reasons[0]}",

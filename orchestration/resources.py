@@ -10,7 +10,8 @@ import dagster as dg
 from pydantic import Field
 import torch
 
-from training.config import ComputeConfig, ModelConfig
+from orchestration.project import Project, load_project
+from training.config import ComputeConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,11 +32,9 @@ class FlywheelHome(dg.ConfigurableResource):
     """The data root and the facts about the data every stage must agree on."""
 
     home: str = Field("", description="Data root; empty means $FLYWHEEL_HOME, else .flywheel in the repository.")
-    num_classes: int = ModelConfig.model_fields["num_classes"]
-    resolution: int = ModelConfig.model_fields["resolution"]
     settings_file: str = Field(
-        "", description="Per-asset run settings (the `flywheel run --config` YAML) that the sensors and the schedule "
-        "put on the runs they request; empty means $FLYWHEEL_HOME/settings.yaml when it exists.",
+        "", description="The project file: the project's classes and resolution, and per-asset run settings that the "
+        "sensors and the schedule put on the runs they request; empty means $FLYWHEEL_HOME/flywheel.yaml when it exists.",
     )
 
     @property
@@ -72,7 +71,16 @@ class FlywheelHome(dg.ConfigurableResource):
 
     @property
     def settings(self) -> Path:
-        return Path(self.settings_file) if self.settings_file else self.root / "settings.yaml"
+        return Path(self.settings_file) if self.settings_file else self.root / "flywheel.yaml"
+
+    @property
+    def project(self) -> Project:
+        """The project settings, read at each use: the daemon follows edits without a restart."""
+        return load_project(self.settings)
+
+    @property
+    def resolution(self) -> int:
+        return self.project.resolution
 
     def landing_file(self, batch_id: str) -> Path:
         from transforms.landing import check_batch_id

@@ -74,7 +74,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) 
                 job_name=ingest_job.name, partition_key=batch_id, run_key=f"{batch_id}@{fingerprint[:16]}", run_config=ingest_config,
             ))
     # Also before any label file exists: the dbt models wait for raw_labels to exist.
-    labels = label_files_signature(flywheel.labels)
+    labels = label_files_signature(flywheel.labels, flywheel.project.classes)
     if recorded(context.instance, "raw_labels", "files_signature") != labels:
         run_requests.append(dg.RunRequest(job_name=labels_job.name, run_key=f"labels@{labels}", run_config=run_settings(flywheel, labels_job.name)))
     new_batches = [b for b in files if not context.instance.has_dynamic_partition("batches", b)]

@@ -1,6 +1,7 @@
-"""Settings for `flywheel run --config FILE`: per asset, the same typed config the Dagster UI's
-launchpad takes, e.g.
+"""`$FLYWHEEL_HOME/flywheel.yaml` (or `flywheel run --config FILE`): the project (`orchestration.project`:
+classes, resolution) and, per asset, the same typed config the Dagster UI's launchpad takes, e.g.
 
+    classes: [cat, dog, fox]
     trained_model:
       epochs: 12
     model_evaluation:
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import dagster as dg
 import pydantic
-import yaml
 
 from orchestration.assets.deployment import ExportConfig
 from orchestration.assets.evaluation import GateConfig
 from orchestration.assets.ingestion import IngestConfig
 from orchestration.assets.monitoring import DriftConfig
 from orchestration.assets.training import TrainingConfig
+from orchestration.project import PROJECT_KEYS, SettingsError, load_project, read_yaml, validation_message
 from orchestration.resources import FlywheelHome
 
 # Op name (the asset, or the multi-asset that writes it) -> its config class.
@@ -31,21 +32,19 @@ CONFIG_CLASSES: dict[str, type[dg.Config]] = {
 }
 
 
-class SettingsError(Exception):
-    """A settings file that cannot be used; the message names the file, the entry and the reason."""
-
-
 def load_settings(path: Path) -> dict[str, dict]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise SettingsError(f"{path}: not a readable YAML file ({error})") from None
-    if not isinstance(raw, dict):
-        raise SettingsError(f"{path}: expected a mapping of asset name -> settings, got {type(raw).__name__}")
+    """The per-asset run settings of the file; its project keys are checked too (`load_project`)."""
+    raw = read_yaml(path)
+    load_project(path)
     settings = {}
     for name, values in raw.items():
+        if name in PROJECT_KEYS:
+            continue
         if name not in CONFIG_CLASSES:
-            raise SettingsError(f"{path}: {name!r} takes no settings; these do: {', '.join(CONFIG_CLASSES)}")
+            raise SettingsError(
+                f"{path}: {name!r} is not a setting; the project has {', '.join(PROJECT_KEYS)}, and these assets "
+                f"take settings: {', '.join(CONFIG_CLASSES)}"
+            )
         if not isinstance(values, dict):
             raise SettingsError(f"{path}: {name} must be a mapping of setting -> value")
         known = CONFIG_CLASSES[name].model_fields
@@ -55,8 +54,7 @@ def load_settings(path: Path) -> dict[str, dict]:
         try:
             settings[name] = CONFIG_CLASSES[name].model_validate(values).model_dump()
         except pydantic.ValidationError as error:
-            problems = "; ".join(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-            raise SettingsError(f"{path}: {problems}") from None
+            raise SettingsError(validation_message(path, error, prefix=f"{name}.")) from None
     return settings
 
 

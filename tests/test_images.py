@@ -14,7 +14,9 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "mode, fmt", [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("L", "JPEG"), ("RGB", "JPEG")]
+    "mode, fmt",
+    [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("L", "JPEG"), ("RGB", "JPEG"), ("CMYK", "JPEG"),
+     ("RGB", "WEBP"), ("RGB", "BMP"), ("P", "GIF"), ("RGB", "TIFF"), ("LA", "PNG")],
 )
 def test_decodes_every_supported_mode_and_format_to_rgb(mode: str, fmt: str):
     image = Image.new(mode, (13, 7), color=200 if mode in ("L", "P") else (200, 100, 50, 255)[: len(mode)])
@@ -31,7 +33,7 @@ def test_decodes_every_supported_mode_and_format_to_rgb(mode: str, fmt: str):
         (None, "missing_image"),
         (b"definitely not an image", "undecodable_image"),
         (encode(Image.new("L", (8, 8)), "PNG")[:30], "undecodable_image"),
-        (encode(Image.new("RGB", (8, 8)), "GIF"), "unsupported_format"),
+        (encode(Image.new("RGB", (8, 8)), "PPM"), "unsupported_format"),
         (encode(Image.new("I;16", (8, 8)), "PNG"), "unsupported_mode"),
         (encode(Image.new("L", (200, 200)), "PNG"), "image_too_large"),
     ],
@@ -40,6 +42,19 @@ def test_rejects_bad_images_with_a_reason(data, reason):
     with pytest.raises(ImageRejected) as rejected:
         decode_image(data, max_pixels=100 * 100)
     assert rejected.value.reason == reason
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation():
+    # A phone's landscape sensor image of a portrait scene: stored 20 wide x 10 high, EXIF 6 = rotate 90 degrees clockwise.
+    stored = Image.new("RGB", (20, 10), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))  # the left half is red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif, quality=95)
+    decoded = decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert (decoded.width, decoded.height) == (10, 20) and decoded.pixels.shape == (20, 10, 3)
+    assert decoded.pixels[2, 5, 0] > 200 and decoded.pixels[17, 5, 0] < 60  # red is now on top
 
 
 def test_resize_to_training_resolution():

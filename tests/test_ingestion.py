@@ -53,7 +53,7 @@ BAD_ROWS = {
     "non-image bytes": ({"image_id": "text", "image": b"hello, world", "label": 1, "captured_at": WHEN}, "undecodable_image"),
     "null id": ({"image_id": None, "image": png(201), "label": 1, "captured_at": WHEN}, "missing_image_id"),
     "empty id": ({"image_id": "", "image": png(202), "label": 1, "captured_at": WHEN}, "missing_image_id"),
-    "label out of range": ({"image_id": "label-99", "image": png(203), "label": 99, "captured_at": WHEN}, "label_out_of_range"),
+    "label out of range": ({"image_id": "label-99", "image": png(203), "label": 99, "captured_at": WHEN}, "unknown_class"),
     "oversized image": ({"image_id": "huge", "image": png(204, size=5000), "label": 1, "captured_at": WHEN}, "image_too_large"),
     "same bytes, other id": ({"image_id": "copy", "image": png(0), "label": 0, "captured_at": WHEN}, "duplicate_content"),
     "empty bytes": ({"image_id": "nothing", "image": b"", "label": 1, "captured_at": WHEN}, "missing_image"),
@@ -152,7 +152,7 @@ def test_late_labels_attach_through_dbt_and_the_split_never_moves(home: Path):
     assert dict(query(home, "SELECT image_id, label FROM training_examples")) == {
         "cam-000-00000": 1, "cam-000-00001": 7, "cam-000-00002": 3,
     }
-    assert query(home, "SELECT reason FROM quarantined_images WHERE batch_id = 'labels/vendor-b'") == [("label_out_of_range",)]
+    assert query(home, "SELECT reason FROM quarantined_images WHERE batch_id = 'labels/vendor-b'") == [("unknown_class",)]
     assert dict(query(home, "SELECT image_id, split FROM int_images")) == splits_before
     assert query(home, "SELECT DISTINCT label_source FROM training_examples") == [("label_file",)]
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from transforms import warehouse
+from transforms.classes import DIGITS_CLASSES
 from transforms.landing import (
     LandingFileError,
     ValidationRules,
@@ -17,6 +18,8 @@ from transforms.landing import (
 )
 
 WHEN = datetime(2026, 1, 1, tzinfo=timezone.utc)
+RULES = ValidationRules(classes=(), max_pixels=4096 * 4096)
+DIGITS = list(DIGITS_CLASSES)
 
 
 def png(value: int, size: int = 16) -> bytes:
@@ -56,13 +59,13 @@ def test_bad_rows_are_quarantined_with_reasons_and_good_rows_kept(tmp_path: Path
     path = tmp_path / "batch-1.parquet"
     landing_frame(rows).write_parquet(path)
 
-    batch = validate_batch(path, read_landing_file(path), ValidationRules(num_classes=10, max_pixels=256 * 256))
+    batch = validate_batch(path, read_landing_file(path), ValidationRules(classes=(), max_pixels=256 * 256), DIGITS)
 
     reasons = dict(zip(batch.quarantined["row_number"], batch.quarantined["reason"]))
     assert reasons == {
         6: "missing_image_id", 7: "missing_image_id", 8: "invalid_image_id",
         9: "duplicate_image_id", 10: "duplicate_image_id",
-        11: "label_out_of_range", 12: "label_out_of_range", 13: "missing_image",
+        11: "unknown_class", 12: "unknown_class", 13: "missing_image",
         14: "undecodable_image", 15: "undecodable_image", 16: "image_too_large",
         17: "duplicate_content", 18: "missing_captured_at",
     }
@@ -72,11 +75,26 @@ def test_bad_rows_are_quarantined_with_reasons_and_good_rows_kept(tmp_path: Path
     assert batch.row_count == len(rows)
 
 
+def test_labels_may_be_class_names_or_indices_and_an_unknown_name_is_quarantined_with_how_to_add_it(tmp_path: Path):
+    path = tmp_path / "pets.parquet"
+    rows = [good(0), good(1), good(2), good(3)]
+    landing_frame(rows).with_columns(pl.Series("label", ["cat", "dog", "1", "zebra"])).write_parquet(path)
+
+    batch = validate_batch(path, read_landing_file(path), RULES, ["cat", "dog"])
+
+    assert dict(zip(batch.images["image_id"], batch.images["label"])) == {"good-0": 0, "good-1": 1, "good-2": 1}
+    (message,) = batch.quarantined.filter(pl.col("reason") == "unknown_class")["message"]
+    assert message == (
+        f"{path}: row 4 (image_id good-3): label 'zebra' is not one of the project's classes (cat, dog); "
+        "to add it, append it to `classes` in flywheel.yaml and ingest the batch again"
+    )
+
+
 def test_ids_and_contents_already_in_other_batches_are_quarantined(tmp_path: Path):
     path = tmp_path / "later.parquet"
     landing_frame([good(0), good(1), good(2)]).write_parquet(path)
     existing = lambda ids, hashes: ({"good-0"}, set())  # noqa: E731
-    batch = validate_batch(path, read_landing_file(path), ValidationRules(), existing)
+    batch = validate_batch(path, read_landing_file(path), RULES, DIGITS, existing)
     assert batch.quarantined["reason"].to_list() == ["image_id_exists"]
 
 
@@ -86,7 +104,7 @@ def test_ids_and_contents_already_in_other_batches_are_quarantined(tmp_path: Pat
         (lambda p: p.write_bytes(b""), "empty"),
         (lambda p: p.write_text("image_id,image\n1,2\n"), "not a readable parquet"),
         (lambda p: landing_frame([good(0)]).drop("label").write_parquet(p), "missing required column(s) label"),
-        (lambda p: landing_frame([good(0)]).with_columns(pl.col("label").cast(pl.Utf8)).write_parquet(p), "label is String"),
+        (lambda p: landing_frame([good(0)]).with_columns(pl.col("label").cast(pl.Float64)).write_parquet(p), "label is Float64"),
     ],
 )
 def test_unreadable_files_fail_with_file_and_cause(tmp_path: Path, write, cause: str):
@@ -118,7 +136,7 @@ def test_batch_id_comes_from_the_file_name():
 def test_replacing_a_batch_never_duplicates_rows(tmp_path: Path):
     path = tmp_path / "b1.parquet"
     landing_frame([good(i) for i in range(4)]).write_parquet(path)
-    batch = validate_batch(path, read_landing_file(path), ValidationRules())
+    batch = validate_batch(path, read_landing_file(path), RULES, DIGITS)
     with warehouse.connect(tmp_path / "w.duckdb") as connection:
         first = warehouse.replace_batch(connection, batch, fingerprint="test")
         second = warehouse.replace_batch(connection, batch, fingerprint="test")
@@ -131,8 +149,8 @@ def test_replacing_a_batch_never_duplicates_rows(tmp_path: Path):
 def test_a_failed_replacement_keeps_what_was_stored(tmp_path: Path):
     path = tmp_path / "b1.parquet"
     landing_frame([good(i) for i in range(4)]).write_parquet(path)
-    batch = validate_batch(path, read_landing_file(path), ValidationRules())
-    broken = type(batch)(batch.batch_id, batch.images.with_columns(pl.lit(None, pl.Utf8).alias("content_hash")), batch.quarantined)
+    batch = validate_batch(path, read_landing_file(path), RULES, DIGITS)
+    broken = type(batch)(batch.batch_id, batch.images.with_columns(pl.lit(None, pl.Utf8).alias("content_hash")), batch.quarantined, batch.classes)
     with warehouse.connect(tmp_path / "w.duckdb") as connection:
         warehouse.replace_batch(connection, batch, fingerprint="test")
         with pytest.raises(Exception, match="NOT NULL"):

@@ -31,7 +31,7 @@ class Loop:
         self.cursors: dict[str, str | None] = {}
         self.flywheel = defs.resources["flywheel"]
         # The sensors put these settings on the runs they request; the gate keeps its defaults.
-        (home / "settings.yaml").write_text(yaml.safe_dump({"trained_model": FAST_TRAINING}))
+        (home / "flywheel.yaml").write_text(yaml.safe_dump({"trained_model": FAST_TRAINING}))
 
     def tick(self, sensor) -> list[dg.RunRequest]:
         with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name), resources={"flywheel": self.flywheel, "retraining_policy": RetrainingPolicy()}) as context:

@@ -89,7 +89,7 @@ def cli_tick(home: Path) -> str:
 
 def history(home: Path, tick) -> list[str]:
     """A first model that fails its gate, a tick with nothing new, then a new batch."""
-    (home / "settings.yaml").write_text(yaml.safe_dump(WEAK_TRAINING))
+    (home / "flywheel.yaml").write_text(yaml.safe_dump(WEAK_TRAINING))
     decisions = []
     land(home, "first", 0)
     decisions.append(tick())

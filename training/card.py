@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from training.config import ModelConfig
 from training.evaluate import Metrics
@@ -101,20 +101,26 @@ class ModelCard(BaseModel, frozen=True):
     gates: CardGates
     lineage: Lineage
 
+    @model_validator(mode="after")
+    def _one_name_per_output(self) -> "ModelCard":
+        if len(self.class_names) != self.model.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for a model of {self.model.num_classes} outputs")
+        return self
+
     @property
     def resolution(self) -> int:
         return self.input.height
 
 
 def build_card(
-    model: ModelConfig, candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
+    model: ModelConfig, class_names: list[str], candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
     evaluation_gate: GateDecision, export_gate: GateVerdict, served_ece: float, served_gate: GateDecision,
     lineage: Lineage,
 ) -> ModelCard:
     """The card of a candidate exported to ONNX: what it is, how it scored, and what the gates said."""
     return ModelCard(
         created_at=datetime.now(timezone.utc),
-        class_names=[str(index) for index in range(model.num_classes)],
+        class_names=class_names,
         input=InputSpec(height=model.resolution, width=model.resolution),
         model=model,
         metrics=CardMetrics(

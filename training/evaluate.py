@@ -62,7 +62,7 @@ def classification_metrics(
     )
 
 
-def confusion_matrix_png(confusion: list[list[int]], path: Path, title: str) -> Path:
+def confusion_matrix_png(confusion: list[list[int]], class_names: list[str], path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +72,8 @@ def confusion_matrix_png(confusion: list[list[int]], path: Path, title: str) -> 
     figure, axes = plt.subplots(figsize=(5, 4.5), dpi=100)
     image = axes.imshow(matrix, cmap="Blues")
     axes.set(xlabel="predicted", ylabel="true", title=title, xticks=range(len(matrix)), yticks=range(len(matrix)))
+    axes.set_xticklabels(class_names, rotation=45 if max(map(len, class_names)) > 2 else 0, ha="right" if max(map(len, class_names)) > 2 else "center")
+    axes.set_yticklabels(class_names)
     for (row, column), value in np.ndenumerate(matrix):
         if value:
             color = "white" if value > matrix.max() / 2 else "black"

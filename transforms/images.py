@@ -12,10 +12,13 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-SUPPORTED_FORMATS = frozenset({"PNG", "JPEG"})
-SUPPORTED_MODES = frozenset({"L", "RGB", "RGBA", "P"})
+# Photographs and scans as cameras, phones and scanners write them; a GIF counts by its first frame.
+SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
+SUPPORTED_MODES = frozenset({"L", "LA", "RGB", "RGBA", "P", "PA", "CMYK"})
+# File names taken for images of those formats (by `flywheel land` and `flywheel predict`).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # Columns produced by `image_statistics`, in order. A contract with dbt and drift monitoring.
 STAT_COLUMNS = (
@@ -48,7 +51,8 @@ class DecodedImage:
 
 
 def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB") -> DecodedImage:
-    """Decode PNG/JPEG bytes to RGB (or grayscale with `to="L"`), or raise ImageRejected saying why not."""
+    """Decode image bytes to RGB (or grayscale with `to="L"`), upright by their EXIF orientation, or
+    raise ImageRejected saying why not."""
     if data is None or len(data) == 0:
         raise ImageRejected("missing_image", "the image bytes are empty")
     try:
@@ -56,7 +60,7 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB") -> Decode
             if image.format not in SUPPORTED_FORMATS:
                 raise ImageRejected(
                     "unsupported_format",
-                    f"image format {image.format} is not PNG or JPEG",
+                    f"image format {image.format} is not one of {', '.join(sorted(SUPPORTED_FORMATS))}",
                 )
             if image.mode not in SUPPORTED_MODES:
                 raise ImageRejected(
@@ -70,12 +74,14 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB") -> Decode
                     "image_too_large",
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
                 )
-            pixels = np.asarray(image if image.mode == to else image.convert(to), dtype=np.uint8)
-            return DecodedImage(image.format, image.mode, width, height, pixels)
+            landed_format, landed_mode = image.format, image.mode
+            upright = ImageOps.exif_transpose(image)
+            pixels = np.asarray(upright if upright.mode == to else upright.convert(to), dtype=np.uint8)
+            return DecodedImage(landed_format, landed_mode, upright.width, upright.height, pixels)
     except ImageRejected:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageRejected("undecodable_image", f"the bytes are not a readable PNG/JPEG image ({error})") from None
+        raise ImageRejected("undecodable_image", f"the bytes are not a readable image ({error})") from None
 
 
 def resize_rgb(rgb: np.ndarray, resolution: int) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Late labels: `landing/labels/<name>.parquet` files with `image_id` and `label` attach labels to
+"""Late labels: `landing/labels/<name>.parquet` files with `image_id` and `label` (a class name or
+index) attach labels to
 images that landed earlier. When several files label the same image, the most recently written
 file wins. Bad rows (and unreadable files) are quarantined under batch id `labels/<name>`."""
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
+from transforms.classes import label_index, resolve_classes, unknown_label_message
 from transforms.landing import IMAGE_ID_PATTERN, QUARANTINE_SCHEMA, landed_files
 
 LABELS_SCHEMA = {"image_id": pl.Utf8, "label": pl.Int64, "label_file": pl.Utf8, "labeled_at": pl.Datetime("us", "UTC")}
@@ -17,16 +19,19 @@ LABELS_SCHEMA = {"image_id": pl.Utf8, "label": pl.Int64, "label_file": pl.Utf8, 
 
 @dataclass(frozen=True)
 class LabelSet:
-    labels: pl.DataFrame  # LABELS_SCHEMA, one row per image_id
+    labels: pl.DataFrame  # LABELS_SCHEMA, one row per image_id; `label` is the class index
     quarantined: pl.DataFrame  # QUARANTINE_SCHEMA
     files: int
+    classes: list[str]  # the project's classes after these files (indices are positions)
 
 
-def label_files_signature(folder: Path) -> str:
-    """Names, times and sizes of the label files: it changes whenever a file is added, replaced or removed."""
-    if not folder.is_dir():
+def label_files_signature(folder: Path, configured_classes: list[str]) -> str:
+    """Names, times and sizes of the label files, and the configured classes: it changes whenever a file
+    is added, replaced or removed, or a class is added (a label it quarantined may now be accepted)."""
+    files = landed_files(folder) if folder.is_dir() else []
+    if not files:
         return ""
-    return ",".join(f"{p.name}={p.stat().st_mtime_ns}:{p.stat().st_size}" for p in landed_files(folder))
+    return ",".join(f"{p.name}={p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files) + f"|classes={configured_classes}"
 
 
 def _problem(quarantine_id: str, path: Path, row: int, image_id: str | None, reason: str, text: str) -> dict:
@@ -36,9 +41,11 @@ def _problem(quarantine_id: str, path: Path, row: int, image_id: str | None, rea
     }
 
 
-def read_label_files(folder: Path, num_classes: int) -> LabelSet:
+def read_label_files(folder: Path, stored_classes: list[str], configured_classes: list[str]) -> LabelSet:
+    """Every label file, the latest winning per image; the classes are resolved over all their labels
+    (`transforms.classes.resolve_classes`), so label files may be the first to name them."""
     files = sorted(landed_files(folder), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    frames, problems = [], []
+    readable, problems = [], []
     for order, path in enumerate(files):
         quarantine_id = f"labels/{path.stem}"
         try:
@@ -46,23 +53,33 @@ def read_label_files(folder: Path, num_classes: int) -> LabelSet:
         except Exception as error:  # damaged or foreign files of any kind
             problems.append(_problem(quarantine_id, path, 0, None, "unreadable_label_file", f"not a readable label file with image_id and label ({error})"))
             continue
-        if not (frame.schema["label"].is_integer() and frame.schema["image_id"] == pl.Utf8):
+        label_type = frame.schema["label"]
+        if not ((label_type.is_integer() or label_type == pl.Utf8) and frame.schema["image_id"] == pl.Utf8):
             problems.append(_problem(quarantine_id, path, 0, None, "unreadable_label_file",
-                                     f"image_id must be a string and label an integer, got {frame.schema['image_id']} and {frame.schema['label']}"))
+                                     f"image_id must be a string and label a class name or index, got {frame.schema['image_id']} and {label_type}"))
             continue
+        readable.append((order, path, frame.with_columns(pl.col("label").cast(pl.Utf8).alias("label_as_landed"))))
+    classes = resolve_classes(
+        stored_classes, configured_classes,
+        pl.concat([frame["label_as_landed"] for _, _, frame in readable]) if readable else pl.Series([], dtype=pl.Utf8),
+    )
+    frames = []
+    for order, path, frame in readable:
+        quarantine_id = f"labels/{path.stem}"
         frame = frame.with_row_index("row_number", offset=1).with_columns(
-            pl.col("label").cast(pl.Int64),
+            label_index(pl.col("label_as_landed"), classes).alias("label"),
+        ).with_columns(
             pl.when(pl.col("image_id").is_null() | ~pl.col("image_id").str.contains(IMAGE_ID_PATTERN))
             .then(pl.lit("invalid_image_id"))
-            .when(pl.col("label").is_null())
+            .when(pl.col("label_as_landed").is_null())
             .then(pl.lit("missing_label"))
-            .when((pl.col("label") < 0) | (pl.col("label") >= num_classes))
-            .then(pl.lit("label_out_of_range"))
+            .when(pl.col("label").is_null())
+            .then(pl.lit("unknown_class"))
             .alias("reason"),
         )
         for row in frame.filter(pl.col("reason").is_not_null()).iter_rows(named=True):
-            text = {"invalid_image_id": "image_id is missing or malformed", "missing_label": "label is null",
-                    "label_out_of_range": f"label {row['label']} is outside 0..{num_classes - 1}"}[row["reason"]]
+            text = {"invalid_image_id": "image_id is missing or malformed", "missing_label": "label is null"}.get(row["reason"])
+            text = text or unknown_label_message(row["label_as_landed"], classes)
             problems.append(_problem(quarantine_id, path, row["row_number"], row["image_id"], row["reason"], text))
         labeled_at = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
         frames.append(
@@ -75,4 +92,4 @@ def read_label_files(folder: Path, num_classes: int) -> LabelSet:
         pl.concat(frames).sort("order").unique("image_id", keep="last", maintain_order=True).drop("order")
         if frames else pl.DataFrame(schema=LABELS_SCHEMA)
     )
-    return LabelSet(labels.cast(LABELS_SCHEMA), pl.DataFrame(problems, schema=QUARANTINE_SCHEMA), len(files))
+    return LabelSet(labels.cast(LABELS_SCHEMA), pl.DataFrame(problems, schema=QUARANTINE_SCHEMA), len(files), classes)

@@ -1,7 +1,7 @@
 """The landing contract: batch ids, reading a landing file, and row-by-row validation done in bulk.
 
-A batch is `landing/<batch_id>.parquet` with `image_id` utf8, `image` binary (PNG/JPEG), `label`
-integer (nullable) and `captured_at` timestamp; other columns ride along as metadata. A file that
+A batch is `landing/<batch_id>.parquet` with `image_id` utf8, `image` binary (PNG, JPEG, WebP, ...), `label`
+a class name or index (nullable) and `captured_at` timestamp; other columns ride along as metadata. A file that
 cannot be read at all raises `LandingFileError`; every bad row of a readable file is quarantined
 with a machine-readable reason and a message naming the file, the row and the cause.
 """
@@ -17,7 +17,9 @@ from typing import Callable
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
+from transforms.classes import label_index, unknown_label_message
 from transforms.images import STAT_COLUMNS, ImageRejected, decode_image, image_statistics
 
 BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -31,12 +33,12 @@ REASONS = {
     "invalid_image_id": "image_id must be 1-128 characters of letters, digits and _ . : / -",
     "duplicate_image_id": "image_id appears more than once in this batch",
     "image_id_exists": "image_id already belongs to another batch",
-    "label_out_of_range": "label is outside the configured classes",
+    "unknown_class": "the label names no class of the project",
     "missing_captured_at": "captured_at is null",
     "missing_image": "the image bytes are empty",
-    "undecodable_image": "the bytes are not a readable PNG/JPEG image",
-    "unsupported_format": "the image is not PNG or JPEG",
-    "unsupported_mode": "the image mode is not L, RGB, RGBA or P",
+    "undecodable_image": "the bytes are not a readable image",
+    "unsupported_format": "the image is not PNG, JPEG, WebP, BMP, GIF or TIFF",
+    "unsupported_mode": "the image mode is not L, LA, RGB, RGBA, P, PA or CMYK",
     "image_too_large": "the image has more pixels than the configured limit",
     "duplicate_content": "the same image bytes already appear under another image_id",
 }
@@ -77,19 +79,42 @@ def batch_id_of(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ValidationRules:
-    num_classes: int = 10
-    max_pixels: int = 4096 * 4096
+    """What decides which rows are accepted, beside the data: with the file's bytes, the fingerprint
+    of an ingestion. `classes` are the configured ones (empty: discovered, see transforms.classes)."""
+
+    classes: tuple[str, ...]
+    max_pixels: int
 
 
 @dataclass(frozen=True)
 class ValidatedBatch:
     batch_id: str
-    images: pl.DataFrame  # one row per accepted image, ready for raw_images
+    images: pl.DataFrame  # one row per accepted image, ready for raw_images; `label` is the class index
     quarantined: pl.DataFrame  # QUARANTINE_SCHEMA
+    classes: list[str]  # the project's classes after this batch (indices are positions)
 
     @property
     def row_count(self) -> int:
         return self.images.height + self.quarantined.height
+
+
+CLASSES_METADATA_KEY = b"flywheel.classes"
+
+
+def declare_classes(classes: list[str]) -> dict[bytes, bytes]:
+    """Parquet key-value metadata by which a landing file names every class of its landing (all its
+    files), so the first labeled landing decides the classes as a whole, not batch file by batch file."""
+    return {CLASSES_METADATA_KEY: json.dumps(classes).encode()} if classes else {}
+
+
+def declared_classes(path: Path) -> list[str]:
+    """The class names a landing file declares (none for files flywheel did not write)."""
+    metadata = pq.read_schema(path).metadata or {}
+    try:
+        names = json.loads(metadata.get(CLASSES_METADATA_KEY, b"[]"))
+    except ValueError:
+        return []
+    return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
 
 
 def read_landing_file(path: Path) -> pl.DataFrame:
@@ -135,10 +160,10 @@ def _conform_types(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
         casts.append(pl.col("image").cast(pl.Binary))
     else:
         problems.append(f"image is {schema['image']}, expected binary")
-    if schema["label"].is_integer() or schema["label"] == pl.Null:
-        casts.append(pl.col("label").cast(pl.Int64))
+    if schema["label"].is_integer() or schema["label"] in (pl.Utf8, pl.Null) or isinstance(schema["label"], pl.Categorical):
+        casts.append(pl.col("label").cast(pl.Utf8))
     else:
-        problems.append(f"label is {schema['label']}, expected an integer")
+        problems.append(f"label is {schema['label']}, expected a class name or an integer index")
     captured = schema["captured_at"]
     if isinstance(captured, pl.Datetime):
         as_utc = (
@@ -165,19 +190,21 @@ def _nothing_exists(image_ids: list[str], content_hashes: list[str]) -> tuple[se
 
 
 def validate_batch(
-    path: Path, frame: pl.DataFrame, rules: ValidationRules, existing: ExistingKeys = _nothing_exists
+    path: Path, frame: pl.DataFrame, rules: ValidationRules, classes: list[str], existing: ExistingKeys = _nothing_exists
 ) -> ValidatedBatch:
     """Split a conformed landing frame into accepted images (decoded, with statistics) and quarantine.
 
     Each row gets the first reason that applies; checks that need no decoding run in bulk first, so
-    only rows that can still be accepted are decoded. `existing` looks up ids and image contents
-    that earlier batches already hold.
+    only rows that can still be accepted are decoded. Labels (names or indices) become indices of
+    `classes`. `existing` looks up ids and image contents that earlier batches already hold.
     """
     batch_id = batch_id_of(path)
     extra_columns = [column for column in frame.columns if column not in REQUIRED_COLUMNS]
     rows = frame.with_row_index("row_number", offset=1).with_columns(
         pl.col("row_number").cast(pl.Int64),
         pl.col("image").map_elements(_sha256, return_dtype=pl.Utf8).alias("content_hash"),
+        pl.col("label").alias("label_as_landed"),
+        label_index(pl.col("label"), classes).alias("label"),
     )
     ids_in_other_batches, hashes_in_other_batches = existing(
         rows["image_id"].drop_nulls().to_list(), rows["content_hash"].drop_nulls().to_list()
@@ -192,15 +219,22 @@ def validate_batch(
         .then(pl.lit("duplicate_image_id"))
         .when(image_id.is_in(list(ids_in_other_batches)))
         .then(pl.lit("image_id_exists"))
-        .when(pl.col("label").is_not_null() & ((pl.col("label") < 0) | (pl.col("label") >= rules.num_classes)))
-        .then(pl.lit("label_out_of_range"))
+        .when(pl.col("label_as_landed").is_not_null() & pl.col("label").is_null())
+        .then(pl.lit("unknown_class"))
         .when(pl.col("captured_at").is_null())
         .then(pl.lit("missing_captured_at"))
         .when(pl.col("image").is_null() | (pl.col("image").bin.size() == 0))
         .then(pl.lit("missing_image"))
         .otherwise(pl.lit(None, dtype=pl.Utf8))
     )
-    rows = rows.with_columns(reason.alias("reason"), pl.lit(None, dtype=pl.Utf8).alias("detail"))
+    rows = rows.with_columns(reason.alias("reason"))
+    unknown = rows.filter(pl.col("reason") == "unknown_class")["label_as_landed"].unique().to_list()
+    rows = rows.with_columns(
+        pl.when(pl.col("reason") == "unknown_class")
+        .then(pl.col("label_as_landed").replace_strict({label: unknown_label_message(label, classes) for label in unknown}, default=None))
+        .otherwise(pl.lit(None, dtype=pl.Utf8))
+        .alias("detail")
+    )
 
     # Decode only what passed the cheap checks.
     candidates = rows.filter(pl.col("reason").is_null())
@@ -257,6 +291,7 @@ def validate_batch(
         batch_id=batch_id,
         images=_accepted_images(batch_id, accepted, decoded, extra_columns),
         quarantined=quarantined.cast(QUARANTINE_SCHEMA),
+        classes=classes,
     )
 
 

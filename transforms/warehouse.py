@@ -1,6 +1,6 @@
 """The DuckDB warehouse: raw tables written by ingestion, and the reads later stages make.
 
-dbt owns every table but `raw_images`, `quarantined_images`, `raw_labels` and `ingested_files`. DuckDB allows one
+dbt owns every table but `raw_images`, `quarantined_images`, `raw_labels`, `ingested_files` and `classes`. DuckDB allows one
 writing process at a time, which the orchestrator guarantees with a concurrency pool of 1.
 """
 
@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS ingested_files (
     accepted BIGINT NOT NULL,
     quarantined BIGINT NOT NULL,
     ingested_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS classes (
+    class_index INTEGER PRIMARY KEY,
+    class_name VARCHAR NOT NULL UNIQUE,
+    added_at TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS quarantined_images (
     batch_id VARCHAR NOT NULL,
@@ -151,12 +156,27 @@ def ingested_fingerprint(connection: duckdb.DuckDBPyConnection, batch_id: str) -
     return row[0] if row else None
 
 
+def stored_classes(connection: duckdb.DuckDBPyConnection) -> list[str]:
+    """The project's class names in index order (empty until the first labeled batch decides them)."""
+    rows = connection.execute("SELECT class_name FROM classes ORDER BY class_index").fetchall()
+    return [row[0] for row in rows]
+
+
+def _store_classes(connection: duckdb.DuckDBPyConnection, classes: list[str]) -> None:
+    """Append the classes beyond the stored ones; a stored index never changes (checked by the caller)."""
+    stored = len(stored_classes(connection))
+    for index, name in enumerate(classes[stored:], start=stored):
+        connection.execute("INSERT INTO classes VALUES ($index, $name, now())", {"index": index, "name": name})
+
+
 def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, fingerprint: str) -> LoadCounts:
     """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there.
-    `fingerprint` (the file's content and the validation rules) is stored with them."""
+    `fingerprint` (the file's content and the validation rules) is stored with them, and classes the
+    batch added are stored with their indices."""
     images = batch.images.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
     quarantined = batch.quarantined.to_arrow()  # noqa: F841
     with transaction(connection):
+        _store_classes(connection, batch.classes)
         connection.execute("DELETE FROM ingested_files WHERE batch_id = $batch", {"batch": batch.batch_id})
         connection.execute(
             "INSERT INTO ingested_files VALUES ($batch, $fingerprint, $accepted, $quarantined, now())",
@@ -178,6 +198,7 @@ def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> i
     rows = labels.labels.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
     quarantined = labels.quarantined.to_arrow()  # noqa: F841
     with transaction(connection):
+        _store_classes(connection, labels.classes)
         connection.execute("DELETE FROM raw_labels")
         connection.execute("DELETE FROM quarantined_images WHERE batch_id LIKE 'labels/%'")
         connection.execute("INSERT INTO raw_labels BY NAME SELECT * FROM rows")

@@ -1,8 +1,8 @@
 {% test label_in_classes(model, column_name) %}
--- Labels must name one of the configured classes, 0 .. num_classes - 1.
+-- Labels are indices of the project's classes (the `classes` table ingestion keeps).
 select {{ column_name }}
 from {{ model }}
-where {{ column_name }} < 0 or {{ column_name }} >= {{ var('num_classes') }}
+where {{ column_name }} not in (select class_index from {{ source('flywheel', 'classes') }})
 {% endtest %}
 
 {% test split_has_minimum_rows(model) %}
@@ -22,7 +22,7 @@ where coalesce(counts.row_count, 0) < {{ var('min_rows_per_split') }}
 {% test every_class_in_split(model, split) %}
 -- Every class has at least one labeled example in the split (a model cannot learn a class it never saw).
 with classes as (
-    select unnest(range({{ var('num_classes') }})) as label
+    select class_index as label from {{ source('flywheel', 'classes') }}
 )
 select classes.label
 from classes

@@ -23,6 +23,7 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
     manifest_path = flywheel.ffcv / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
+        classes = warehouse.stored_classes(connection)
         fingerprints = warehouse.split_fingerprints(connection)
         missing = [split for split in SPLITS if split not in fingerprints]
         if missing:
@@ -51,7 +52,7 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
     partial = manifest_path.with_name(f".{manifest_path.name}.partial")
     partial.write_text(json.dumps(manifest, indent=2))
     os.replace(partial, manifest_path)
-    value = {"dir": str(flywheel.ffcv), "resolution": flywheel.resolution, "splits": manifest}
+    value = {"dir": str(flywheel.ffcv), "resolution": flywheel.resolution, "classes": classes, "splits": manifest}
     summary = pl.DataFrame(
         [{"split": s, "examples": i["examples"], "batches": len(i["batches"]), "rewritten": i["rewritten"]} for s, i in splits.items()]
     )
@@ -64,6 +65,7 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
             "test_examples": splits["test"]["examples"],
             "rewritten": ", ".join(s for s, i in splits.items() if i["rewritten"]) or "none (inputs unchanged)",
             "resolution": flywheel.resolution,
+            "classes": ", ".join(classes),
             "directory": dg.MetadataValue.path(str(flywheel.ffcv)),
         },
     )

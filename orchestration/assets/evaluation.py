@@ -57,7 +57,7 @@ def model_evaluation(
     evaluation = evaluate_candidate(candidate_logits, champion_logits, test, model_config.num_classes, config.policy(), "fp32")
     candidate, champion, decision = evaluation.candidate, evaluation.champion, evaluation.gate
     plot = confusion_matrix_png(
-        candidate.confusion, flywheel.reports / context.run_id / "confusion_matrix.png",
+        candidate.confusion, ffcv_datasets["classes"], flywheel.reports / context.run_id / "confusion_matrix.png",
         f"candidate {trained_model['attempt'][:8]}: accuracy {candidate.accuracy:.3f}",
     )
     for reason in decision.reasons:
@@ -86,7 +86,9 @@ def model_evaluation(
             "gate_reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
             "per_batch": markdown_table(batch_table(candidate, champion)),
             "gate_slices": markdown_table(slice_table(decision)),
-            "per_class": markdown_table(pl.DataFrame(candidate.per_class)),
+            "per_class": markdown_table(pl.DataFrame(candidate.per_class).with_columns(
+                pl.Series("name", [ffcv_datasets["classes"][row["class"]] for row in candidate.per_class])
+            )),
             "confusion_matrix": markdown_image(plot, "confusion matrix"),
         },
     )

@@ -5,11 +5,14 @@ from pydantic import Field
 
 from orchestration.metadata import markdown_table
 from orchestration.partitions import batch_partitions
+from orchestration.project import SettingsError
 from orchestration.resources import FlywheelHome
 from transforms import warehouse
+from transforms.classes import ClassesError, resolve_classes
 from transforms.labels import label_files_signature, read_label_files
 from transforms.landing import (
-    LandingFileError, ValidationRules, file_sha256, ingestion_fingerprint, read_landing_file, validate_batch,
+    LandingFileError, ValidationRules, declared_classes, file_sha256, ingestion_fingerprint, read_landing_file,
+    validate_batch,
 )
 
 
@@ -20,7 +23,7 @@ class IngestConfig(dg.Config):
 
 def ingestion_rules(flywheel: FlywheelHome, config: IngestConfig) -> ValidationRules:
     """The validation rules of a run: the asset applies them, the landing sensor fingerprints with them."""
-    return ValidationRules(num_classes=flywheel.num_classes, max_pixels=config.max_pixels)
+    return ValidationRules(classes=tuple(flywheel.project.classes), max_pixels=config.max_pixels)
 
 
 @dg.multi_asset(
@@ -58,11 +61,14 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
                 context.log.info(f"{path} is unchanged since it was ingested; nothing to do")
                 return
             frame = read_landing_file(path)
+            classes = resolve_classes(
+                warehouse.stored_classes(connection), list(rules.classes), frame["label"], declared_classes(path)
+            )
             batch = validate_batch(
-                path, frame, rules, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes)
+                path, frame, rules, classes, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes)
             )
             counts = warehouse.replace_batch(connection, batch, fingerprint)
-    except LandingFileError as error:
+    except (LandingFileError, ClassesError, SettingsError) as error:
         # The file is unusable as a whole: fail this partition only, touching nothing stored.
         raise dg.Failure(description=str(error), allow_retries=False) from None
 
@@ -79,6 +85,7 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
             "rows_in_file": batch.row_count,
             "accepted": counts.images,
             "labeled": int(batch.images["label"].is_not_null().sum()),
+            "classes": len(batch.classes),
             "replaced_rows": counts.replaced_images,
             "dagster/row_count": counts.images,
             "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
@@ -102,9 +109,12 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
     pool="warehouse",
 )
 def raw_labels(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.MaterializeResult:
-    signature = label_files_signature(flywheel.labels)
-    label_set = read_label_files(flywheel.labels, flywheel.num_classes)
+    signature = label_files_signature(flywheel.labels, flywheel.project.classes)
     with warehouse.connect(flywheel.warehouse) as connection:
+        try:
+            label_set = read_label_files(flywheel.labels, warehouse.stored_classes(connection), flywheel.project.classes)
+        except (ClassesError, SettingsError) as error:
+            raise dg.Failure(description=str(error), allow_retries=False) from None
         stored = warehouse.replace_labels(connection, label_set)
     for message in label_set.quarantined["message"].head(20):
         context.log.warning(message)

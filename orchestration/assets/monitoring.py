@@ -83,7 +83,7 @@ def drift_report(
     embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
     # What is served is the int8 file: its predictions are the ones that count.
     predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
-    classes = prediction_drift(reference_predictions, predictions, flywheel.num_classes, policy)
+    classes = prediction_drift(reference_predictions, predictions, card.model.num_classes, policy)
     labeled = records.index["label"].is_not_null().to_numpy()
     labels = records.index["label"].fill_null(-1).to_numpy()
     champion_accuracy = float((predictions[labeled] == labels[labeled]).mean()) if labeled.any() else None

@@ -61,7 +61,7 @@ def trained_model(
     ffcv_datasets: dict,
 ) -> dg.Output[dict]:
     champion = Registry(flywheel.registry).champion()
-    model = config.model(flywheel.num_classes, flywheel.resolution)
+    model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"])
     optim = config.optim()
     payload = {
         "model": model.model_dump(),

@@ -1,7 +1,6 @@
 """Transformation: the dbt project (staging -> intermediate -> marts) as Dagster assets; dbt tests
 become asset checks."""
 
-import json
 import os
 from collections.abc import Mapping
 from functools import cache
@@ -49,7 +48,6 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
 def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, flywheel: FlywheelHome):
     # The profile reads the data root from the environment; set it to this run's resource value.
     os.environ["FLYWHEEL_HOME"] = str(flywheel.root)
-    dbt_vars = json.dumps({"num_classes": flywheel.num_classes})
     # cautious: when automation builds a subset of the models, a test that spans a model outside it
     # (a relationships test) waits for a run that builds both, instead of failing on a missing table.
-    yield from dbt.cli(["build", "--vars", dbt_vars, "--indirect-selection", "cautious"], context=context).stream()
+    yield from dbt.cli(["build", "--indirect-selection", "cautious"], context=context).stream()

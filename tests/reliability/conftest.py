@@ -30,7 +30,7 @@ class Flywheel:
         self.root = root
         self.dagster_home = root / "dagster"
         # Where the daemon's sensors read run settings too, so its runs train as fast as a tick's.
-        self.settings = root / "settings.yaml"
+        self.settings = root / "flywheel.yaml"
         self.settings.write_text(TRAINING_SETTINGS)
         self.env = {
             **os.environ, "FLYWHEEL_HOME": str(root), "DAGSTER_HOME": str(self.dagster_home),

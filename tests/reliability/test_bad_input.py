@@ -49,14 +49,18 @@ def image(tmp_path: Path) -> Path:
         ("trained_model: {epochs: 0}\n", ["trained_model.epochs", "greater than or equal to 1"]),
         ("trained_model: {epochs: -3}\n", ["trained_model.epochs", "greater than or equal to 1"]),
         ("trained_model: {epoch: 3}\n", ["trained_model has no setting 'epoch'", "epochs"]),
-        ("trained_modle: {epochs: 3}\n", ["'trained_modle' takes no settings", "trained_model"]),
+        ("trained_modle: {epochs: 3}\n", ["'trained_modle' is not a setting", "classes, resolution", "trained_model"]),
         ("trained_model: 12\n", ["trained_model must be a mapping"]),
         ("trained_model: {epochs: [3\n", ["not a readable YAML file"]),
-        ("- trained_model\n- epochs\n", ["expected a mapping of asset name -> settings, got list"]),
+        ("- trained_model\n- epochs\n", ["expected a mapping of setting -> value, got list"]),
+        ("classes: [cat]\n", ["classes: a classifier needs at least two classes"]),
+        ("classes: [cat, 'bad/name']\n", ["classes: class name 'bad/name' is not allowed"]),
+        ("classes: [cat, dog, cat]\n", ["classes: listed more than once: cat"]),
+        ("resolution: 4\n", ["resolution: Input should be greater than or equal to 8"]),
     ],
     ids=[
         "zero epochs", "negative epochs", "unknown setting", "unknown asset", "entry not a mapping", "broken yaml",
-        "list at top level",
+        "list at top level", "one class", "bad class name", "duplicate class", "tiny resolution",
     ],
 )
 def test_malformed_settings_are_refused_before_anything_runs(home: Path, tmp_path: Path, capsys, text: str, expected: list[str]):

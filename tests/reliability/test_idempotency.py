@@ -43,7 +43,7 @@ def stored(home: Path) -> dict:
 def test_rerunning_every_asset_changes_nothing_stored(home: Path):
     simulate_batches(home / "landing", SimulationSpec(batches=2, batch_size=200, seed=3))
     instance = get_instance(home)
-    (home / "settings.yaml").write_text(yaml.safe_dump(SETTINGS))
+    (home / "flywheel.yaml").write_text(yaml.safe_dump(SETTINGS))
     report = run_tick(defs, instance, FlywheelHome(home=str(home)), log=lambda _: None)
     assert report.champion_after == "v0001" and not report.failed
     before = stored(home)
