@@ -36,7 +36,9 @@ def make_folder(root: Path, count: int, side: int) -> Path:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         image = base.copy()
-        image.putpixel((index % side, (index // side) % side), (rng.randrange(256), 0, 0))  # unique bytes
+        # An 8x8 block whose colour and place encode the index: every file's bytes differ after JPEG.
+        x, y = 8 * (index % (side // 8)), 8 * ((index // (side // 8)) % (side // 8))
+        image.paste((index % 256, (index // 256) % 256, rng.randrange(256)), (x, y, x + 8, y + 8))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         (folder / f"{index:07d}.jpg").write_bytes(buffer.getvalue())
@@ -72,8 +74,10 @@ def land_in_child(source: Path, landing: Path, batch_size: int) -> tuple[float, 
     """(images per second, peak resident MiB) of `land` in a fresh process."""
     completed = subprocess.run(
         [sys.executable, "-c", LAND_CHILD, str(source), str(landing), str(batch_size)],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO, capture_output=True, text=True,
     )
+    if completed.returncode:
+        raise SystemExit(f"land failed: {completed.stderr.strip().splitlines()[-1]}")
     rate, peak_kib = completed.stdout.split()
     return float(rate), int(peak_kib) / 1024
 
