@@ -134,3 +134,19 @@ def test_small_slices_are_reported_not_tested():
     tiny = next(s for s in decision.slices if s.slice == "batch tiny")
     assert tiny.p_holm is None and not tiny.regressed
     assert any("batch tiny" in r and "too few images to judge" in r for r in decision.reasons)
+
+
+def test_a_champion_from_before_a_class_was_added_is_compared_on_the_shared_classes():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    test = evaluate.TestSet(np.zeros((120, 8, 8, 3), np.uint8), labels, np.array(["b"] * 120))
+    candidate = np.eye(3)[labels] * 5.0  # right everywhere
+    champion = np.eye(3)[labels][:, :2] * 5.0 + rng.normal(0, 0.1, (120, 2))  # two outputs: never says class 2
+
+    result = evaluate_candidate(candidate, champion, test, 3, POLICY, "fp32")
+
+    assert result.champion.per_class[2]["recall"] == 0.0 and result.champion.per_class[0]["recall"] == 1.0
+    assert result.gate.passed, result.gate.reasons
+    shared = {s.slice: s for s in result.gate.slices}
+    assert shared["class 0"].champion_correct == shared["class 0"].candidate_correct == 40
+    assert shared["class 2"].champion_correct == 0 and shared["class 2"].candidate_correct == 40

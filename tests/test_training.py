@@ -29,6 +29,18 @@ def test_network_takes_uint8_nhwc_and_returns_logits():
     assert logits.shape == (3, 7) and logits.dtype == torch.float32
 
 
+def test_a_warm_start_keeps_the_shared_layers_and_grows_the_head_for_a_new_class():
+    from training.fit import warm_start
+
+    champion = ImageClassifier(ModelConfig(width=8, num_classes=2, resolution=16))
+    grown = ImageClassifier(ModelConfig(width=8, num_classes=3, resolution=16))
+    fresh = warm_start(grown, champion.state_dict())
+    assert fresh == ["head.bias", "head.weight"]
+    shared = [name for name in champion.state_dict() if not name.startswith("head.")]
+    assert shared and all(torch.equal(grown.state_dict()[n], champion.state_dict()[n]) for n in shared)
+    assert grown.head.weight.shape == (3, 32)
+
+
 # Every width below 8 (where oneDNN's kernels change with the channel count), the usual ones, and
 # resolutions at which the nhwc kernel bug of torch 2.13 showed up (see training/model.py).
 WIDTHS = [*range(4, 13), 16, 24, 32, 48, 64]

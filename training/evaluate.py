@@ -122,7 +122,12 @@ def evaluate_candidate(
     policy: GatePolicy, model: str,
 ) -> Evaluation:
     """Metrics of the candidate and the champion on the same test images, and the promotion gate's
-    decision on their paired predictions; `model` names the files judged ("fp32", "int8")."""
+    decision on their paired predictions; `model` names the files judged ("fp32", "int8"). A champion
+    from before a class was added never predicts it: its logits get the new columns at -1e4, so it is
+    judged wrong on the new class's images and compared as it was on the shared ones."""
+    if champion_logits is not None and champion_logits.shape[1] < num_classes:
+        missing = num_classes - champion_logits.shape[1]
+        champion_logits = np.pad(champion_logits, ((0, 0), (0, missing)), constant_values=-1e4)
     candidate = classification_metrics(candidate_logits, test.labels, num_classes, test.slices)
     champion = None if champion_logits is None else classification_metrics(champion_logits, test.labels, num_classes, test.slices)
     decision = promotion_decision(

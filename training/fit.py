@@ -103,6 +103,14 @@ def _last_checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
 
 
+def warm_start(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load every weight whose name and shape match; returns the names that keep their fresh initialisation."""
+    own = network.state_dict()
+    shared = {name: tensor for name, tensor in weights.items() if name in own and own[name].shape == tensor.shape}
+    network.load_state_dict(shared, strict=False)
+    return sorted(set(own) - set(shared))
+
+
 def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) -> FitResult:
     started = time.perf_counter()
     L.seed_everything(config.optim.seed, workers=True, verbose=False)
@@ -114,7 +122,9 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
         config.model.model_dump(), config.optim.model_dump(), compile=config.compute.compile
     )
     if config.warm_start and not resumed_from:
-        model.net.load_state_dict(load_weights(config.warm_start))
+        fresh = warm_start(model.net, load_weights(config.warm_start))
+        if fresh:
+            log(f"warm start from {config.warm_start}: {', '.join(fresh)} start fresh (their shape changed, e.g. a head grown for new classes)")
     datamodule = FFCVDataModule(
         config.beton_dir, config.optim.batch_size, config.compute.num_workers, config.optim.seed
     )
