@@ -137,7 +137,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from flywheel.predict import predict_files
 
     flywheel = _flywheel()
-    written, problems = predict_files([Path(f) for f in args.files], Path(args.output), flywheel)
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    written, problems = predict_files([Path(f) for f in args.files], Path(args.output), flywheel, args.top_k)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
     print(f"wrote {written} predictions to {args.output}")
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score landing parquet files or image files with the champion (int8)")
     predict.add_argument("files", nargs="+", help="landing-format .parquet files or .png/.jpg images")
     predict.add_argument("--output", required=True, help="predictions file: .parquet or .csv")
+    predict.add_argument("--top-k", type=int, default=1, help="also write the next K-1 guesses (label_2, label_name_2, probability_2, ...)")
     predict.set_defaults(handler=cmd_predict)
 
     rollback = commands.add_parser("rollback", help="make the previous champion (or --to VERSION) the champion again")

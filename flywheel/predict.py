@@ -8,20 +8,20 @@ import polars as pl
 from orchestration.resources import FlywheelHome
 from training.inference import predict_onnx
 from training.registry import Registry, RegistryError
-from transforms.images import IMAGE_SUFFIXES, ImageRejected, decode_image, resize_rgb
+from transforms.images import IMAGE_SUFFIXES, ImageRejected, Preprocessing, decode_image, served_preprocessing
 from transforms.landing import LandingFileError, read_landing_file
 
 MAX_PIXELS = 4096 * 4096
 
 
-def _images_of(path: Path, resolution: int) -> tuple[list[str], list[np.ndarray], list[str]]:
+def _images_of(path: Path, preprocessing: Preprocessing) -> tuple[list[str], list[np.ndarray], list[str]]:
     """(ids, images, problems) of one input file."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         try:
             decoded = decode_image(path.read_bytes(), MAX_PIXELS)
         except (OSError, ImageRejected) as error:
             return [], [], [f"{path}: {error}"]
-        return [path.stem], [resize_rgb(decoded.pixels, resolution)], []
+        return [path.stem], [preprocessing(decoded.pixels)], []
     if path.suffix.lower() != ".parquet":
         return [], [], [f"{path}: not a .parquet file or an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"]
     try:
@@ -31,14 +31,16 @@ def _images_of(path: Path, resolution: int) -> tuple[list[str], list[np.ndarray]
     ids, images, problems = [], [], []
     for row, (image_id, data) in enumerate(zip(frame["image_id"], frame["image"]), start=1):
         try:
-            images.append(resize_rgb(decode_image(data, MAX_PIXELS).pixels, resolution))
+            images.append(preprocessing(decode_image(data, MAX_PIXELS).pixels))
             ids.append(image_id or f"{path.stem}:row{row}")
         except ImageRejected as error:
             problems.append(f"{path}: row {row} (image_id {image_id!r}): {error.message}")
     return ids, images, problems
 
 
-def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome) -> tuple[int, list[str]]:
+def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome, top_k: int = 1) -> tuple[int, list[str]]:
+    """Score files with the champion's int8 model; with `top_k` > 1 the next guesses follow as
+    `label_2`, `label_name_2`, `probability_2`, ... (flat columns: CSV has no lists)."""
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise LandingFileError(f"{output}: the output must end in .parquet or .csv")
     champion = Registry(flywheel.registry).champion()
@@ -48,25 +50,29 @@ def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome) -> tu
     session = champion.inference_session()
     ids, images, problems = [], [], []
     for path in files:
-        file_ids, file_images, file_problems = _images_of(path, card.resolution)
+        file_ids, file_images, file_problems = _images_of(path, served_preprocessing(card))
         ids += file_ids
         images += file_images
         problems += file_problems
+    classes = len(card.class_names)
+    top_k = max(1, min(top_k, classes))
     if images:
         logits = predict_onnx(session, np.stack(images))
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = exp / exp.sum(axis=1, keepdims=True)
-        labels = probabilities.argmax(axis=1)
-        confidence = probabilities.max(axis=1)
     else:
-        labels, confidence = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    frame = pl.DataFrame(
-        {
-            "image_id": ids, "label": labels.astype(np.int64), "label_name": [card.class_names[i] for i in labels],
-            "probability": confidence.astype(np.float64),
-        },
-        schema={"image_id": pl.Utf8, "label": pl.Int64, "label_name": pl.Utf8, "probability": pl.Float64},
-    )
+        probabilities = np.zeros((0, classes), dtype=np.float32)
+    ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    columns: dict[str, pl.Series] = {"image_id": pl.Series(ids, dtype=pl.Utf8)}
+    for rank in range(top_k):
+        suffix = "" if rank == 0 else f"_{rank + 1}"
+        labels = ranked[:, rank]
+        columns[f"label{suffix}"] = pl.Series(labels.astype(np.int64), dtype=pl.Int64)
+        columns[f"label_name{suffix}"] = pl.Series([card.class_names[i] for i in labels], dtype=pl.Utf8)
+        columns[f"probability{suffix}"] = pl.Series(
+            probabilities[np.arange(len(labels)), labels].astype(np.float64), dtype=pl.Float64
+        )
+    frame = pl.DataFrame(columns)
     output.parent.mkdir(parents=True, exist_ok=True)
     frame.write_csv(output) if output.suffix.lower() == ".csv" else frame.write_parquet(output)
     return frame.height, problems

@@ -2,6 +2,8 @@
 
     classes: [cat, dog, fox]     # optional: else discovered from the first labeled landing
     resolution: 64               # square training and serving size in pixels
+    resize: center_crop          # squash (default), center_crop or letterbox
+    mode: rgb                    # rgb (default) or grayscale
 
 The same file holds per-asset run settings (`orchestration.settings`). With no file, the digits
 default runs as it always has.
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from training.config import ModelConfig
 from transforms.classes import class_name_problem
+from transforms.images import ImageMode, Preprocessing, ResizePolicy
 
 
 class SettingsError(Exception):
@@ -29,6 +32,12 @@ class Project(BaseModel):
         "landing (integer labels: the digits' 0..9). Classes already stored must stay first; append new ones.",
     )
     resolution: int = ModelConfig.model_fields["resolution"]
+    resize: ResizePolicy = Field("squash", description="To the square input: squash (stretch), center_crop or letterbox.")
+    mode: ImageMode = Field("rgb", description="rgb, or grayscale for scans and other images whose colour means nothing.")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.resolution, self.resize, self.mode)
 
     @field_validator("classes")
     @classmethod

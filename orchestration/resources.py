@@ -11,6 +11,7 @@ from pydantic import Field
 import torch
 
 from orchestration.project import Project, load_project
+from transforms.images import Preprocessing
 from training.config import ComputeConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +80,8 @@ class FlywheelHome(dg.ConfigurableResource):
         return load_project(self.settings)
 
     @property
-    def resolution(self) -> int:
-        return self.project.resolution
+    def preprocessing(self) -> Preprocessing:
+        return self.project.preprocessing
 
     def landing_file(self, batch_id: str) -> Path:
         from transforms.landing import check_batch_id

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transforms.images import STAT_COLUMNS, ImageRejected, decode_image, image_statistics, resize_rgb
+from transforms.images import STAT_COLUMNS, ImageRejected, Preprocessing, decode_image, image_statistics
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -57,8 +57,19 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation():
     assert decoded.pixels[2, 5, 0] > 200 and decoded.pixels[17, 5, 0] < 60  # red is now on top
 
 
-def test_resize_to_training_resolution():
-    assert resize_rgb(np.zeros((8, 20, 3), np.uint8), 32).shape == (32, 32, 3)
+def test_preprocessing_squashes_crops_or_letterboxes_to_the_square_and_drops_colour_for_grayscale():
+    wide = np.zeros((10, 40, 3), np.uint8)
+    wide[:, :, 0] = 200  # red everywhere ...
+    wide[:, :5] = (0, 0, 255)  # ... but a blue left edge
+    squashed = Preprocessing(20, "squash", "rgb")(wide)
+    cropped = Preprocessing(20, "center_crop", "rgb")(wide)
+    letterboxed = Preprocessing(20, "letterbox", "rgb")(wide)
+    gray = Preprocessing(20, "squash", "grayscale")(wide)
+    assert {a.shape for a in (squashed, cropped, letterboxed, gray)} == {(20, 20, 3)}
+    assert squashed[10, 0, 2] > 200  # stretched: the blue edge is still there
+    assert cropped[10, 0, 2] < 50 and cropped[10, 0, 0] > 150  # cropped: the edge is cut away
+    assert letterboxed[0, 10].tolist() == [0, 0, 0] and letterboxed[10, 10, 0] > 150  # padded above and below
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
 
 def digit_like(angle: float = 0.0, invert: bool = False) -> np.ndarray:

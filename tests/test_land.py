@@ -77,12 +77,14 @@ def test_an_image_folder_lands_once_trains_a_champion_with_named_classes_and_pre
     assert "landed 0 new image(s) in 0 batch file(s); 300 already landed; 0 skipped" in capsys.readouterr().out
     assert len(list((home / "landing").glob("*.parquet"))) == 3
 
-    (home / "flywheel.yaml").write_text(yaml.safe_dump({"trained_model": FAST_TRAINING}))
+    # Photos come in every aspect: crop them to the square rather than stretch them.
+    (home / "flywheel.yaml").write_text(yaml.safe_dump({"resize": "center_crop", "trained_model": FAST_TRAINING}))
     assert run_cli("run") == 0
     champion = Registry(home / "registry").champion()
     assert champion is not None, capsys.readouterr().out
     card = champion.card()
     assert card.class_names == sorted(CLASSES) and card.model.num_classes == 3
+    assert (card.input.height, card.input.resize, card.input.mode) == (32, "center_crop", "rgb")
     assert warehouse_rows(home, "SELECT class_index, class_name FROM classes ORDER BY class_index") == list(enumerate(sorted(CLASSES)))
 
     # Photos it never saw, as image files: predicted by name.
@@ -95,9 +97,13 @@ def test_an_image_folder_lands_once_trains_a_champion_with_named_classes_and_pre
             path.write_bytes(photo(color, rng, "JPEG", orientation=6 if index % 2 else None))
             files.append((path, name))
     output = tmp_path / "predictions.csv"
-    assert run_cli("predict", *[str(p) for p, _ in files], "--output", str(output)) == 0
+    assert run_cli("predict", *[str(p) for p, _ in files], "--output", str(output), "--top-k", "2") == 0
     predictions = pl.read_csv(output)
-    assert predictions.columns == ["image_id", "label", "label_name", "probability"]
+    assert predictions.columns == [
+        "image_id", "label", "label_name", "probability", "label_2", "label_name_2", "probability_2",
+    ]
+    assert (predictions["probability"] >= predictions["probability_2"]).all()
+    assert (predictions["label_name"] != predictions["label_name_2"]).all()
     truth = {path.stem: name for path, name in files}  # an image file's id is its name without the suffix
     right = sum(truth[i] == n for i, n in zip(predictions["image_id"], predictions["label_name"]))
     assert right >= 10, predictions  # of 12; the classes differ by colour, which a first model learns

@@ -25,6 +25,10 @@ class InputSpec(BaseModel, frozen=True):
     height: int
     width: int
     channels: Literal[3] = 3
+    # How images become that input (transforms.images.Preprocessing); the defaults are what cards
+    # written before these fields existed meant.
+    resize: str = "squash"
+    mode: str = "rgb"
 
 
 class OutputSpec(BaseModel, frozen=True):
@@ -107,13 +111,9 @@ class ModelCard(BaseModel, frozen=True):
             raise ValueError(f"{len(self.class_names)} class names for a model of {self.model.num_classes} outputs")
         return self
 
-    @property
-    def resolution(self) -> int:
-        return self.input.height
-
 
 def build_card(
-    model: ModelConfig, class_names: list[str], candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
+    model: ModelConfig, class_names: list[str], resize: str, mode: str, candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
     evaluation_gate: GateDecision, export_gate: GateVerdict, served_ece: float, served_gate: GateDecision,
     lineage: Lineage,
 ) -> ModelCard:
@@ -121,7 +121,7 @@ def build_card(
     return ModelCard(
         created_at=datetime.now(timezone.utc),
         class_names=class_names,
-        input=InputSpec(height=model.resolution, width=model.resolution),
+        input=InputSpec(height=model.resolution, width=model.resolution, resize=resize, mode=mode),
         model=model,
         metrics=CardMetrics(
             test_accuracy=candidate.accuracy,

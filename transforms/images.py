@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -84,12 +85,39 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB") -> Decode
         raise ImageRejected("undecodable_image", f"the bytes are not a readable image ({error})") from None
 
 
-def resize_rgb(rgb: np.ndarray, resolution: int) -> np.ndarray:
-    """Square-resize an RGB array to the training resolution (bilinear)."""
-    if rgb.shape[0] == resolution and rgb.shape[1] == resolution:
-        return rgb
-    image = Image.fromarray(rgb).resize((resolution, resolution), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+ResizePolicy = Literal["squash", "center_crop", "letterbox"]
+ImageMode = Literal["rgb", "grayscale"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes the model's uint8 `[R, R, 3]` input: the same for the FFCV datasets,
+    monitoring and serving (the model card records it). `squash` stretches to the square, `center_crop`
+    fills it and cuts the overhang, `letterbox` fits the whole image and pads with black; `grayscale`
+    drops colour (the three channels carry the same values)."""
+
+    resolution: int
+    resize: ResizePolicy
+    mode: ImageMode
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(rgb)
+        if self.mode == "grayscale":
+            image = image.convert("L").convert("RGB")
+        side = (self.resolution, self.resolution)
+        if image.size != side:
+            if self.resize == "center_crop":
+                image = ImageOps.fit(image, side, Image.Resampling.BILINEAR)
+            elif self.resize == "letterbox":
+                image = ImageOps.pad(image, side, Image.Resampling.BILINEAR, color=(0, 0, 0))
+            else:
+                image = image.resize(side, Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def served_preprocessing(card) -> Preprocessing:
+    """The preprocessing a model card (`training.card.ModelCard`) declares for its model's input."""
+    return Preprocessing(card.input.height, card.input.resize, card.input.mode)
 
 
 def image_statistics(gray: np.ndarray, chunk: int = 512) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from transforms.images import STAT_COLUMNS, decode_image, resize_rgb
+from transforms.images import STAT_COLUMNS, Preprocessing, decode_image
 from transforms.labels import LabelSet
 from transforms.landing import ValidatedBatch
 
@@ -218,11 +218,12 @@ class Records:
         return self.index["label"].to_numpy().astype(np.int64)
 
 
-def _decoded(rows: pl.DataFrame, resolution: int) -> Records:
-    images = np.zeros((rows.height, resolution, resolution, 3), dtype=np.uint8)
+def _decoded(rows: pl.DataFrame, preprocessing: Preprocessing) -> Records:
+    side = preprocessing.resolution
+    images = np.zeros((rows.height, side, side, 3), dtype=np.uint8)
     for position, data in enumerate(rows["image"]):
         # Every stored image passed validation at ingestion, so decoding cannot be refused.
-        images[position] = resize_rgb(decode_image(data, max_pixels=2**62).pixels, resolution)
+        images[position] = preprocessing(decode_image(data, max_pixels=2**62).pixels)
     return Records(images, rows.drop("image"))
 
 
@@ -241,7 +242,7 @@ def split_fingerprints(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
 
 
 def split_records(
-    connection: duckdb.DuckDBPyConnection, split: str, resolution: int,
+    connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing,
     batch_ids: list[str] | None = None, limit: int | None = None,
 ) -> Records:
     """One split of `training_examples` (labeled images only), optionally of some batches only and
@@ -257,16 +258,16 @@ def split_records(
         """,
         {"split": split, "batches": batch_ids, "limit": limit},
     ).pl()
-    return _decoded(rows.sort("image_id"), resolution)
+    return _decoded(rows.sort("image_id"), preprocessing)
 
 
-def batch_records(connection: duckdb.DuckDBPyConnection, batch_id: str, resolution: int) -> Records:
+def batch_records(connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing) -> Records:
     """Every accepted image of one batch, labeled or not."""
     rows = connection.execute(
         "SELECT image_id, batch_id, label, image FROM raw_images WHERE batch_id = $batch ORDER BY image_id",
         {"batch": batch_id},
     ).pl()
-    return _decoded(rows, resolution)
+    return _decoded(rows, preprocessing)
 
 
 def image_stats(

@@ -22,6 +22,7 @@ from transforms import warehouse
 def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.Output[dict]:
     manifest_path = flywheel.ffcv / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    preprocessing = flywheel.preprocessing
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         classes = warehouse.stored_classes(connection)
         fingerprints = warehouse.split_fingerprints(connection)
@@ -32,12 +33,12 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
         for split in SPLITS:
             beton = flywheel.ffcv / f"{split}.beton"
             index_path = flywheel.ffcv / f"{split}.index.parquet"
-            fingerprint = f"{fingerprints[split]}@{flywheel.resolution}"
+            fingerprint = f"{fingerprints[split]}@{preprocessing}"
             unchanged = previous.get(split, {}).get("fingerprint") == fingerprint and beton.exists() and index_path.exists()
             if unchanged:
                 splits[split] = previous[split] | {"rewritten": False}
                 continue
-            records = warehouse.split_records(connection, split, flywheel.resolution)
+            records = warehouse.split_records(connection, split, preprocessing)
             write_beton(beton, records.images, records.labels)
             records.index.write_parquet(index_path)
             splits[split] = {
@@ -52,7 +53,10 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
     partial = manifest_path.with_name(f".{manifest_path.name}.partial")
     partial.write_text(json.dumps(manifest, indent=2))
     os.replace(partial, manifest_path)
-    value = {"dir": str(flywheel.ffcv), "resolution": flywheel.resolution, "classes": classes, "splits": manifest}
+    value = {
+        "dir": str(flywheel.ffcv), "resolution": preprocessing.resolution, "resize": preprocessing.resize,
+        "mode": preprocessing.mode, "classes": classes, "splits": manifest,
+    }
     summary = pl.DataFrame(
         [{"split": s, "examples": i["examples"], "batches": len(i["batches"]), "rewritten": i["rewritten"]} for s, i in splits.items()]
     )
@@ -64,7 +68,7 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
             "val_examples": splits["val"]["examples"],
             "test_examples": splits["test"]["examples"],
             "rewritten": ", ".join(s for s, i in splits.items() if i["rewritten"]) or "none (inputs unchanged)",
-            "resolution": flywheel.resolution,
+            "preprocessing": f"{preprocessing.resolution} px, {preprocessing.resize}, {preprocessing.mode}",
             "classes": ", ".join(classes),
             "directory": dg.MetadataValue.path(str(flywheel.ffcv)),
         },

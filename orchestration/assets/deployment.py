@@ -110,7 +110,8 @@ def _export_and_publish(
     )
     shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
     card = build_card(
-        model_config, ffcv_datasets["classes"], Metrics(**model_evaluation["candidate"]), trained_model["val_accuracy"], report, config.policy(),
+        model_config, ffcv_datasets["classes"], ffcv_datasets["resize"], ffcv_datasets["mode"],
+        Metrics(**model_evaluation["candidate"]), trained_model["val_accuracy"], report, config.policy(),
         evaluation_gate=GateDecision.model_validate(model_evaluation["gate"]),
         export_gate=GateVerdict(passed=passed, reasons=reasons),
         served_ece=served.candidate.ece,

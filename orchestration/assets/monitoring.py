@@ -13,6 +13,7 @@ from orchestration.partitions import batch_partitions
 from orchestration.policy import RetrainingPolicy
 from orchestration.resources import FlywheelHome
 from training.card import ModelCard
+from transforms.images import served_preprocessing
 from training.inference import embed_and_predict, load_classifier, predict_onnx
 from training.registry import ModelVersion, Registry
 from training.tracking import log_monitoring
@@ -39,7 +40,7 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, 
         return np.load(embeddings_path, allow_pickle=False), np.load(predictions_path, allow_pickle=False)
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         records = warehouse.split_records(
-            connection, "train", card.resolution, batch_ids=card.lineage.training_batches, limit=rows
+            connection, "train", served_preprocessing(card), batch_ids=card.lineage.training_batches, limit=rows
         )
     network = load_classifier(champion.weights, card.model)
     embeddings, predictions = embed_and_predict(network, records.images)
@@ -72,7 +73,7 @@ def drift_report(
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         reference_stats = warehouse.image_stats(connection, card.lineage.training_batches, split="train")
         current_stats = warehouse.image_stats(connection, [batch_id])
-        records = warehouse.batch_records(connection, batch_id, card.resolution)
+        records = warehouse.batch_records(connection, batch_id, served_preprocessing(card))
     if current_stats.is_empty():
         raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
 
