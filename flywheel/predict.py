@@ -5,20 +5,21 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from orchestration.assets.ingestion import IngestConfig
 from orchestration.resources import FlywheelHome
+from orchestration.settings import load_settings
 from training.inference import predict_onnx
 from training.registry import Registry, RegistryError
 from transforms.images import IMAGE_SUFFIXES, ImageRejected, Preprocessing, decode_image, served_preprocessing
 from transforms.landing import LandingFileError, read_landing_file
 
-MAX_PIXELS = 4096 * 4096
 
 
-def _images_of(path: Path, preprocessing: Preprocessing) -> tuple[list[str], list[np.ndarray], list[str]]:
+def _images_of(path: Path, preprocessing: Preprocessing, max_pixels: int) -> tuple[list[str], list[np.ndarray], list[str]]:
     """(ids, images, problems) of one input file."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         try:
-            decoded = decode_image(path.read_bytes(), MAX_PIXELS)
+            decoded = decode_image(path.read_bytes(), max_pixels, fit_pixels=preprocessing.decode_pixels)
         except (OSError, ImageRejected) as error:
             return [], [], [f"{path}: {error}"]
         return [path.stem], [preprocessing(decoded.pixels)], []
@@ -31,7 +32,7 @@ def _images_of(path: Path, preprocessing: Preprocessing) -> tuple[list[str], lis
     ids, images, problems = [], [], []
     for row, (image_id, data) in enumerate(zip(frame["image_id"], frame["image"]), start=1):
         try:
-            images.append(preprocessing(decode_image(data, MAX_PIXELS).pixels))
+            images.append(preprocessing(decode_image(data, max_pixels, fit_pixels=preprocessing.decode_pixels).pixels))
             ids.append(image_id or f"{path.stem}:row{row}")
         except ImageRejected as error:
             problems.append(f"{path}: row {row} (image_id {image_id!r}): {error.message}")
@@ -48,9 +49,12 @@ def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome, top_k
         raise RegistryError("there is no champion to predict with: run `flywheel run` first")
     card = champion.card()
     session = champion.inference_session()
+    # The same pixel limit as ingestion's, from the same settings.
+    settings = load_settings(flywheel.settings) if flywheel.settings.exists() else {}
+    max_pixels = IngestConfig.model_validate(settings.get("ingest_batch", {})).max_pixels
     ids, images, problems = [], [], []
     for path in files:
-        file_ids, file_images, file_problems = _images_of(path, served_preprocessing(card))
+        file_ids, file_images, file_problems = _images_of(path, served_preprocessing(card), max_pixels)
         ids += file_ids
         images += file_images
         problems += file_problems

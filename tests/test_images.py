@@ -57,6 +57,20 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation():
     assert decoded.pixels[2, 5, 0] > 200 and decoded.pixels[17, 5, 0] < 60  # red is now on top
 
 
+def test_a_large_photo_is_decoded_downscaled_within_fit_pixels_keeping_its_own_size_and_orientation():
+    stored = Image.new("RGB", (1200, 800), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 600, 800))  # the left half is red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    decoded = decode_image(buffer.getvalue(), max_pixels=10**8, fit_pixels=240 * 160)
+    assert (decoded.width, decoded.height) == (800, 1200)  # the photo's own size, upright
+    height, width, _ = decoded.pixels.shape
+    assert height > width and height * width <= 240 * 160 and height * width >= 240 * 160 / 4
+    assert decoded.pixels[5, width // 2, 0] > 200 and decoded.pixels[-5, width // 2, 0] < 60  # red on top
+
+
 def test_preprocessing_squashes_crops_or_letterboxes_to_the_square_and_drops_colour_for_grayscale():
     wide = np.zeros((10, 40, 3), np.uint8)
     wide[:, :, 0] = 200  # red everywhere ...

@@ -4,6 +4,7 @@ late labels, and the landing sensor."""
 import io
 import os
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from tests.test_pipeline_e2e import assets
 from transforms.simulate import SimulationSpec, simulate_batches
 
 WHEN = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge size (a decompression bomb: 900 MP here)."""
+    data = bytearray(png(0))
+    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")  # IHDR width and height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # the IHDR chunk's CRC
+    return bytes(data)
 
 
 def png(value: int, size: int = 32) -> bytes:
@@ -54,7 +63,7 @@ BAD_ROWS = {
     "null id": ({"image_id": None, "image": png(201), "label": 1, "captured_at": WHEN}, "missing_image_id"),
     "empty id": ({"image_id": "", "image": png(202), "label": 1, "captured_at": WHEN}, "missing_image_id"),
     "label out of range": ({"image_id": "label-99", "image": png(203), "label": 99, "captured_at": WHEN}, "unknown_class"),
-    "oversized image": ({"image_id": "huge", "image": png(204, size=5000), "label": 1, "captured_at": WHEN}, "image_too_large"),
+    "pixel bomb": ({"image_id": "bomb", "image": png_claiming(30_000, 30_000), "label": 1, "captured_at": WHEN}, "image_too_large"),
     "same bytes, other id": ({"image_id": "copy", "image": png(0), "label": 0, "captured_at": WHEN}, "duplicate_content"),
     "empty bytes": ({"image_id": "nothing", "image": b"", "label": 1, "captured_at": WHEN}, "missing_image"),
 }

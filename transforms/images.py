@@ -21,6 +21,9 @@ SUPPORTED_MODES = frozenset({"L", "LA", "RGB", "RGBA", "P", "PA", "CMYK"})
 # File names taken for images of those formats (by `flywheel land` and `flywheel predict`).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
+# Statistics are averages: a large photo is decoded at about 1 MP for them, not in full.
+STATISTICS_PIXELS = 1024 * 1024
+
 # Columns produced by `image_statistics`, in order. A contract with dbt and drift monitoring.
 STAT_COLUMNS = (
     "brightness",
@@ -51,9 +54,12 @@ class DecodedImage:
     pixels: np.ndarray  # uint8 [H, W, 3] for RGB, [H, W] for L
 
 
-def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB") -> DecodedImage:
+def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB", fit_pixels: int | None = None) -> DecodedImage:
     """Decode image bytes to RGB (or grayscale with `to="L"`), upright by their EXIF orientation, or
-    raise ImageRejected saying why not."""
+    raise ImageRejected saying why not. Images over `max_pixels` are refused unexpanded (a decompression
+    bomb guard); with `fit_pixels`, larger images are decoded downscaled to about that many pixels
+    (JPEG by DCT scaling, so a 48 MP photo never costs 48 MP of memory). `width` and `height` are the
+    image's own, upright."""
     if data is None or len(data) == 0:
         raise ImageRejected("missing_image", "the image bytes are empty")
     try:
@@ -71,18 +77,33 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB") -> Decode
             width, height = image.size
             # Checked before decoding pixels, so a decompression bomb is never expanded.
             if width * height > max_pixels:
-                raise ImageRejected(
-                    "image_too_large",
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
-                )
+                raise _too_large(width, height, max_pixels)
             landed_format, landed_mode = image.format, image.mode
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if fit_pixels and width * height > fit_pixels:
+                scale = (fit_pixels / (width * height)) ** 0.5
+                target = (max(1, int(width * scale)), max(1, int(height * scale)))
+                image.draft("RGB" if to == "RGB" else "L", target)  # JPEG only: decodes at 1/2, 1/4 or 1/8
+                image.thumbnail(target, Image.Resampling.BILINEAR)
             upright = ImageOps.exif_transpose(image)
             pixels = np.asarray(upright if upright.mode == to else upright.convert(to), dtype=np.uint8)
-            return DecodedImage(landed_format, landed_mode, upright.width, upright.height, pixels)
+            turned = orientation in (5, 6, 7, 8)
+            return DecodedImage(landed_format, landed_mode, height if turned else width, width if turned else height, pixels)
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise ImageRejected("image_too_large", f"PIL refuses to open it as a decompression bomb ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageRejected("undecodable_image", f"the bytes are not a readable image ({error})") from None
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> ImageRejected:
+    return ImageRejected(
+        "image_too_large", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+    )
 
 
 ResizePolicy = Literal["squash", "center_crop", "letterbox"]
@@ -99,6 +120,12 @@ class Preprocessing:
     resolution: int
     resize: ResizePolicy
     mode: ImageMode
+
+    @property
+    def decode_pixels(self) -> int:
+        """How many pixels to decode a large image at (`decode_image`'s fit_pixels): twice the side is
+        plenty for the resize, and a photo is never expanded in full for a 32 px input."""
+        return 4 * self.resolution * self.resolution
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         image = Image.fromarray(rgb)

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from transforms.classes import label_index, unknown_label_message
-from transforms.images import STAT_COLUMNS, ImageRejected, decode_image, image_statistics
+from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, ImageRejected, decode_image, image_statistics
 
 BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
@@ -242,7 +242,7 @@ def validate_batch(
     decode_failures: dict[int, ImageRejected] = {}
     for row_number, data in zip(candidates["row_number"], candidates["image"]):
         try:
-            decoded[row_number] = decode_image(data, rules.max_pixels, to="L")
+            decoded[row_number] = decode_image(data, rules.max_pixels, to="L", fit_pixels=STATISTICS_PIXELS)
         except ImageRejected as rejected:
             decode_failures[row_number] = rejected
     if decode_failures:

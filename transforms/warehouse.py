@@ -223,7 +223,7 @@ def _decoded(rows: pl.DataFrame, preprocessing: Preprocessing) -> Records:
     images = np.zeros((rows.height, side, side, 3), dtype=np.uint8)
     for position, data in enumerate(rows["image"]):
         # Every stored image passed validation at ingestion, so decoding cannot be refused.
-        images[position] = preprocessing(decode_image(data, max_pixels=2**62).pixels)
+        images[position] = preprocessing(decode_image(data, max_pixels=2**62, fit_pixels=preprocessing.decode_pixels).pixels)
     return Records(images, rows.drop("image"))
 
 

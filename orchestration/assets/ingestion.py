@@ -17,7 +17,10 @@ from transforms.landing import (
 
 
 class IngestConfig(dg.Config):
-    max_pixels: int = Field(4096 * 4096, gt=0, description="Larger images are quarantined as image_too_large.")
+    max_pixels: int = Field(
+        100_000_000, gt=0, description="Images with more pixels are quarantined as image_too_large (a decompression-bomb "
+        "guard); large photos below it (48 MP and more) are accepted and decoded downscaled.",
+    )
     force: bool = Field(False, description="Ingest again even when the file and the rules are unchanged.")
 
 
