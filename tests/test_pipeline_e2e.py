@@ -80,7 +80,10 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     # card.json as other tools read it (DESIGN.md's model contract).
     stored = json.loads((champion.path / "card.json").read_text())
     assert stored["version"] == "v0001"
-    assert stored["input"] == {"name": "image", "dtype": "uint8", "layout": "NHWC", "height": 32, "width": 32, "channels": 3}
+    assert stored["input"] == {
+        "name": "image", "dtype": "uint8", "layout": "NHWC", "height": 32, "width": 32, "channels": 3,
+        "resize": "squash", "mode": "rgb",
+    }
 
     # The ONNX contract: uint8 NHWC in, float32 logits out, any batch size.
     session = onnx_session(champion.int8)
