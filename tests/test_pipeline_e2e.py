@@ -106,6 +106,11 @@ def test_whole_graph_materializes_on_a_small_sample(home: Path):
     assert report["champion_accuracy"] > 0.8
     stored = json.loads((home / "values" / "drift_report" / f"{batches[0]}.json").read_text())
     assert stored["batch_id"] == batches[0]
+    (materialization,) = drift.get_asset_materialization_events()
+    predicted = materialization.materialization.metadata["predicted_classes"].value
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in predicted.splitlines()]
+    assert rows[0] == ["class", "reference share", "batch share", "change"]
+    assert sorted(row[0] for row in rows[2:]) == [str(c) for c in range(10)]  # every class, by name
 
     # A deliberately worse candidate: the blocking evaluation gate stops it before export, and the
     # champion stays.

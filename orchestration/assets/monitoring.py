@@ -4,6 +4,7 @@ the champion's real accuracy on it."""
 
 import dagster as dg
 import numpy as np
+import polars as pl
 from pydantic import Field
 
 from orchestration.checks import DRIFT_CHECK_SPECS, drift_check_results
@@ -125,6 +126,13 @@ def drift_report(
             "current_rows": features.current_rows,
             "reference_rows": features.reference_rows,
             "features": markdown_table(features.table().select("feature", "method", "statistic", "threshold", "drifted", "reference_mean", "current_mean")),
+            # Which classes the champion now sees more or less often, by name, the largest change first.
+            "predicted_classes": markdown_table(
+                pl.DataFrame({
+                    "class": card.class_names, "reference share": classes.reference_share, "batch share": classes.current_share,
+                }).with_columns((pl.col("batch share") - pl.col("reference share")).round(4).alias("change"))
+                .sort(pl.col("change").abs(), descending=True)
+            ),
             "drift_over_time": markdown_image(plot, "drift over time"),
             "wandb_run": wandb_run,
         },
