@@ -7,7 +7,7 @@ import polars as pl
 
 from orchestration.assets.ingestion import IngestConfig
 from orchestration.resources import FlywheelHome
-from orchestration.settings import load_settings
+from orchestration.settings import current_settings
 from training.inference import predict_onnx
 from training.registry import Registry, RegistryError
 from transforms.images import IMAGE_SUFFIXES, ImageRejected, Preprocessing, decode_image, served_preprocessing
@@ -50,8 +50,7 @@ def predict_files(files: list[Path], output: Path, flywheel: FlywheelHome, top_k
     card = champion.card()
     session = champion.inference_session()
     # The same pixel limit as ingestion's, from the same settings.
-    settings = load_settings(flywheel.settings) if flywheel.settings.exists() else {}
-    max_pixels = IngestConfig.model_validate(settings.get("ingest_batch", {})).max_pixels
+    max_pixels = IngestConfig.model_validate(current_settings(flywheel).get("ingest_batch", {})).max_pixels
     ids, images, problems = [], [], []
     for path in files:
         file_ids, file_images, file_problems = _images_of(path, served_preprocessing(card), max_pixels)

@@ -58,11 +58,16 @@ def load_settings(path: Path) -> dict[str, dict]:
     return settings
 
 
+def current_settings(flywheel: FlywheelHome) -> dict[str, dict]:
+    """The run settings of the project file, or none when there is no file."""
+    return load_settings(flywheel.settings) if flywheel.settings.exists() else {}
+
+
 def run_settings(flywheel: FlywheelHome, job_name: str) -> dict:
     """The run config of the settings file (if any) for the ops of this job: what sensors request."""
     from orchestration.definitions import defs  # here: the definitions import the sensors, which import this
 
-    return run_config(defs.resolve_job_def(job_name), load_settings(flywheel.settings) if flywheel.settings.exists() else {}, {})
+    return run_config(defs.resolve_job_def(job_name), current_settings(flywheel), {})
 
 
 def run_config(job: dg.JobDefinition, settings: dict[str, dict], base: dict) -> dict:

@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from transforms.classes import class_name_problem
 from transforms.images import IMAGE_SUFFIXES
-from transforms.landing import check_batch_id, declare_classes, landed_files
+from transforms.landing import check_batch_id, landed_files, write_landing_file
 
 MANIFEST_PATH_COLUMN = "path_or_uri"
 LANDING_SCHEMA = {"image_id": pl.Utf8, "image": pl.Binary, "label": pl.Utf8, "captured_at": pl.Datetime("us", "UTC"), "source": pl.Utf8}
@@ -213,20 +213,6 @@ def next_batch_ids(landing: Path, prefix: str) -> Iterator[str]:
         number += 1
 
 
-def write_batch(landing: Path, batch_id: str, rows: list[dict], classes: list[str]) -> Path:
-    """Write one landing file under a hidden name, fsync it, and rename it into place complete. The
-    file declares the landing's classes (`transforms.landing.declared_classes`)."""
-    landing.mkdir(parents=True, exist_ok=True)
-    path = landing / f"{batch_id}.parquet"
-    partial = landing / f".{batch_id}.parquet.partial"
-    table = pl.DataFrame(rows, schema=LANDING_SCHEMA).to_arrow()
-    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **declare_classes(classes)}), partial)
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    return path
-
-
 def land(
     source: Source, landing: Path, prefix: str, batch_size: int, problems: list[str],
     progress: Callable[[int], None] = lambda _: None,
@@ -268,11 +254,11 @@ def land(
             "captured_at": item.captured_at or landed_at, "source": item.location,
         })
         if len(pending) == batch_size:
-            report.written.append(write_batch(landing, next(batch_ids), pending, source.classes))
+            report.written.append(write_landing_file(landing, next(batch_ids), pl.DataFrame(pending, schema=LANDING_SCHEMA), source.classes))
             report.landed += len(pending)
             pending = []
     if pending:
-        report.written.append(write_batch(landing, next(batch_ids), pending, source.classes))
+        report.written.append(write_landing_file(landing, next(batch_ids), pl.DataFrame(pending, schema=LANDING_SCHEMA), source.classes))
         report.landed += len(pending)
     return report
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,6 +116,20 @@ def declared_classes(path: Path) -> list[str]:
     except ValueError:
         return []
     return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
+
+
+def write_landing_file(landing: Path, batch_id: str, frame: pl.DataFrame, classes: list[str] | None = None) -> Path:
+    """Write `landing/<batch_id>.parquet` the way the landing sensor expects: under a hidden name,
+    fsynced, then renamed into place complete; `classes` are declared in its metadata."""
+    landing.mkdir(parents=True, exist_ok=True)
+    path = landing / f"{check_batch_id(batch_id)}.parquet"
+    partial = landing / f".{batch_id}.parquet.partial"
+    table = frame.to_arrow()
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **declare_classes(classes or [])}), partial)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return path
 
 
 def read_landing_file(path: Path) -> pl.DataFrame:

@@ -8,7 +8,6 @@ the first model has never seen. Drift is applied per image with PIL at a chosen 
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageFilter
 
-from transforms.landing import check_batch_id
+from transforms.landing import check_batch_id, write_landing_file
 
 DRIFT_KINDS = ("none", "rotation", "blur", "noise", "contrast", "invert", "class_prior")
 Pool = Literal["main", "holdout", "all"]
@@ -143,8 +142,5 @@ def simulate_batches(landing_dir: Path, spec: SimulationSpec, overwrite: bool = 
                 "drift": pl.Utf8,
             },
         )
-        partial = landing_dir / f".{batch_id}.parquet.partial"
-        frame.write_parquet(partial)
-        os.replace(partial, target)
-        written.append(target)
+        written.append(write_landing_file(landing_dir, batch_id, frame))
     return written, kept
