@@ -20,8 +20,6 @@ from orchestration.resources import FlywheelHome
 from orchestration.settings import run_settings
 from training.registry import Registry
 
-# When the scheduled retraining runs; cron, overridable per deployment.
-RETRAIN_CRON = os.environ.get("FLYWHEEL_RETRAIN_CRON", "0 3 * * 1")
 # Sensors and the schedule start running with the daemon unless FLYWHEEL_AUTOMATION=stopped (a UI
 # demo or test that drives runs by hand); either way they can be switched in the UI.
 AUTOMATION_RUNNING = os.environ.get("FLYWHEEL_AUTOMATION", "running") != "stopped"
@@ -103,14 +101,13 @@ def retraining_request(
     description="Applies the retraining policy to the latest drift report of every batch (and to having no "
     "champion) and requests a retraining when it says so, unless the same retraining already ran or is running.",
 )
-def drift_sensor(
-    context: dg.SensorEvaluationContext, flywheel: FlywheelHome, retraining_policy: RetrainingPolicy,
-) -> dg.SensorResult | dg.SkipReason:
+def drift_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult | dg.SkipReason:
     champion = Registry(flywheel.registry).champion()
     has_data = latest_materialization(context.instance, "training_examples") is not None
     if champion is None and not has_data:
         return dg.SkipReason("no champion and no transformed data yet")
     reports = latest_drift_reports(context.instance, flywheel)
+    retraining_policy = flywheel.project.retraining
     decision = decide(champion.card() if champion else None, reports, retraining_policy.accuracy_margin)
     if not decision.retrain:
         return dg.SkipReason(f"no retraining needed ({len(reports)} drift report(s) against {champion.version})")
@@ -123,11 +120,14 @@ def drift_sensor(
 
 @dg.schedule(
     job=retrain_job,
-    cron_schedule=RETRAIN_CRON,
+    # Read when the code location loads: after editing it, reload the location (or restart the daemon).
+    cron_schedule=FlywheelHome().project.retraining.schedule,
+    execution_timezone="UTC",
     default_status=SCHEDULE_STATUS,
-    description="Retrains on all labeled data on a fixed cadence (weekly by default; FLYWHEEL_RETRAIN_CRON).",
+    description="Retrains on all labeled data on a fixed cadence: `retraining.schedule` in flywheel.yaml, weekly by default.",
 )
-def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: FlywheelHome, retraining_policy: RetrainingPolicy):
+def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: FlywheelHome):
+    retraining_policy = flywheel.project.retraining
     champion = Registry(flywheel.registry).champion()
     decision = decide(champion.card() if champion else None, [], retraining_policy.accuracy_margin, schedule_due=True)
     occasion = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""

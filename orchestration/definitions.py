@@ -19,7 +19,6 @@ from orchestration.automation import (
 from orchestration.checks import evaluation_gate, export_gate, served_model_gate
 from orchestration.io_manager import JsonIOManager
 from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job
-from orchestration.policy import RetrainingPolicy
 from orchestration.resources import FlywheelHome, TrainingCompute
 from orchestration.sensors import landing_sensor
 
@@ -46,6 +45,5 @@ defs = dg.Definitions(
         "compute": TrainingCompute(),
         "dbt": dbt_resource(),
         "io_manager": JsonIOManager(flywheel=flywheel),
-        "retraining_policy": RetrainingPolicy(),
     },
 )

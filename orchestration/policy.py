@@ -19,7 +19,9 @@ import json
 from dataclasses import dataclass, field
 
 import dagster as dg
-from pydantic import Field
+# Dagster's own check of the cron strings it accepts for a schedule.
+from dagster._utils.schedules import is_valid_cron_string
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestration.instance import ABANDONED_TAG
 from training.card import ModelCard
@@ -30,15 +32,28 @@ ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dagste
 GATE_CHECKS = ("evaluation_gate", "export_gate", "served_model_gate")
 
 
-class RetrainingPolicy(dg.ConfigurableResource):
-    """The loop's tunables, read by the sensors, the schedule and the drift checks."""
+class RetrainingPolicy(BaseModel):
+    """The loop's tunables: `retraining:` in the project file, read by the sensors, the schedule and
+    the drift checks at each use (the schedule's cron when the code location loads)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: str = Field(
+        "0 3 * * 1", description="Cron (UTC) of the scheduled retraining on all labeled data; weekly by default.",
+    )
     accuracy_margin: float = Field(
         0.05, ge=0, le=1, description="Retrain when the champion's accuracy on a batch's new labels falls this far below its test accuracy.",
     )
     max_attempts: int = Field(
         2, ge=1, description="Tries of one retraining (same champion, data, settings and code) that end without a gate verdict.",
     )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        if not is_valid_cron_string(schedule):
+            raise ValueError(f"{schedule!r} is not a cron schedule (minute hour day-of-month month day-of-week, e.g. '0 3 * * 1')")
+        return schedule
 
 
 @dataclass(frozen=True)

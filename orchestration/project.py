@@ -4,6 +4,10 @@
     resolution: 64               # square training and serving size in pixels
     resize: center_crop          # squash (default), center_crop or letterbox
     mode: rgb                    # rgb (default) or grayscale
+    retraining:                  # when the loop retrains (orchestration.policy.RetrainingPolicy)
+      schedule: "0 3 * * 1"      # cron, UTC: weekly on Monday at 03:00 (default)
+      accuracy_margin: 0.05      # retrain when labeled batch accuracy < test accuracy - this
+      max_attempts: 2            # tries of a retraining that ends without a gate verdict
 
 The same file holds per-asset run settings (`orchestration.settings`). With no file, the digits
 default runs as it always has.
@@ -15,6 +19,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestration.policy import RetrainingPolicy
 from training.config import ModelConfig
 from transforms.classes import class_name_problem
 from transforms.images import ImageMode, Preprocessing, ResizePolicy
@@ -34,6 +39,9 @@ class Project(BaseModel):
     resolution: int = ModelConfig.model_fields["resolution"]
     resize: ResizePolicy = Field("squash", description="To the square input: squash (stretch), center_crop or letterbox.")
     mode: ImageMode = Field("rgb", description="rgb, or grayscale for scans and other images whose colour means nothing.")
+    retraining: RetrainingPolicy = Field(
+        default_factory=RetrainingPolicy, description="When the loop retrains: schedule, accuracy margin, attempts.",
+    )
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -23,7 +23,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def resources_for(root: Path) -> dict:
     from orchestration.assets.transformation import dbt_resource
     from orchestration.io_manager import JsonIOManager
-    from orchestration.policy import RetrainingPolicy
     from orchestration.resources import FlywheelHome, TrainingCompute
 
     flywheel = FlywheelHome(home=str(root))
@@ -32,7 +31,6 @@ def resources_for(root: Path) -> dict:
         "compute": TrainingCompute(num_workers=1),
         "dbt": dbt_resource(),
         "io_manager": JsonIOManager(flywheel=flywheel),
-        "retraining_policy": RetrainingPolicy(),
     }
 
 

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 
@@ -53,3 +58,32 @@ def test_policy_retrains_without_a_champion_on_drift_and_on_an_accuracy_drop():
 def test_policy_ignores_batches_the_champion_trained_on_and_reports_on_other_champions():
     assert not decide(card(batches=("a", "b")), [report("b", drift=True)], MARGIN).retrain
     assert not decide(card(), [report("b", drift=True, champion="v0000")], MARGIN).retrain
+
+
+def test_the_retraining_policy_and_schedule_come_from_flywheel_yaml(tmp_path: Path):
+    """The schedule's cron is read when the code location loads; the policy at each use."""
+    (tmp_path / "flywheel.yaml").write_text("retraining:\n  schedule: '30 2 * * *'\n  accuracy_margin: 0.2\n")
+    shown = subprocess.run(
+        [sys.executable, "-c", "from orchestration.definitions import defs, flywheel; "
+         "print(defs.resolve_schedule_def('retraining_schedule').cron_schedule, flywheel.project.retraining.accuracy_margin)"],
+        env={**os.environ, "FLYWHEEL_HOME": str(tmp_path)}, capture_output=True, text=True, check=True,
+    )
+    assert shown.stdout.strip() == "30 2 * * * 0.2"
+    (tmp_path / "flywheel.yaml").unlink()
+    shown = subprocess.run(
+        [sys.executable, "-c", "from orchestration.definitions import defs; print(defs.resolve_schedule_def('retraining_schedule').cron_schedule)"],
+        env={**os.environ, "FLYWHEEL_HOME": str(tmp_path)}, capture_output=True, text=True, check=True,
+    )
+    assert shown.stdout.strip() == RetrainingPolicy().schedule == "0 3 * * 1"
+
+
+def test_a_feature_constant_on_both_sides_is_left_out_of_the_share_and_one_that_stops_being_constant_drifts():
+    rng = np.random.default_rng(2)
+    reference = frame(rng, 500).with_columns(pl.lit(0.0).alias("colour"))
+    shifted = frame(rng, 300, shift=1.0).with_columns(pl.lit(0.0).alias("colour"))
+    result = dataset_drift(reference, shifted, ["a", "b", "c", "colour"], DriftPolicy())
+    assert [f.method for f in result.features][-1] == "constant"
+    assert result.drifted_share == 2 / 3 and result.dataset_drift
+    colour_appears = frame(rng, 300).with_columns(pl.Series("colour", rng.uniform(0, 0.3, 300)))
+    result = dataset_drift(reference, colour_appears, ["a", "b", "c", "colour"], DriftPolicy())
+    assert result.features[-1].drifted and result.features[-1].method == "ks_p_value"

@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from transforms.images import STAT_COLUMNS, ImageRejected, Preprocessing, decode_image, image_statistics
 
@@ -90,7 +90,7 @@ def digit_like(angle: float = 0.0, invert: bool = False) -> np.ndarray:
     image = Image.new("L", (32, 32), 0)
     image.paste(255, (14, 6, 18, 26))  # a vertical stroke
     image = image.rotate(angle, resample=Image.Resampling.BILINEAR)
-    pixels = np.asarray(image)
+    pixels = np.asarray(image.convert("RGB"))
     return (255 - pixels if invert else pixels)[None]
 
 
@@ -104,3 +104,31 @@ def test_statistics_see_exposure_polarity_and_orientation():
     # Ink is measured against the image's own background, so it is polarity-invariant.
     assert inverted["ink_fraction"] == pytest.approx(upright["ink_fraction"])
     assert 0.45 < upright["centroid_x"] < 0.55
+    # A grayscale image has no colour: its opponent channels and saturation are exactly zero.
+    for name in ("red_green", "blue_yellow", "red_green_contrast", "blue_yellow_contrast", "saturation"):
+        assert upright[name] == 0.0
+
+
+def test_brightness_is_pils_own_grayscale_and_colour_statistics_see_cast_saturation_and_focus():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (1, 24, 40, 3), dtype=np.uint8)
+    pil_gray = np.asarray(Image.fromarray(photo[0]).convert("L"), dtype=np.float64) / 255
+    statistics = dict(zip(STAT_COLUMNS, image_statistics(photo)[0]))
+    assert statistics["brightness"] == pytest.approx(pil_gray.mean(), abs=1e-6)
+
+    def stats(image: Image.Image) -> dict[str, float]:
+        return dict(zip(STAT_COLUMNS, image_statistics(np.asarray(image.convert("RGB"))[None])[0]))
+
+    scene = Image.fromarray(rng.integers(60, 200, (48, 48, 3), dtype=np.uint8))
+    neutral = stats(scene)
+    warm = stats(Image.merge("RGB", [band.point(lambda v, k=k: min(255, v + k)) for band, k in zip(scene.split(), (50, 0, -50))]))
+    assert warm["red_green"] > neutral["red_green"] + 0.15 and warm["blue_yellow"] < neutral["blue_yellow"] - 0.15
+    assert stats(scene.convert("L"))["saturation"] == 0.0 < neutral["saturation"]
+    assert stats(scene.filter(ImageFilter.GaussianBlur(2)))["sharpness"] < neutral["sharpness"] / 10
+
+    # Large photos are processed a few at a time: the same values as one by one.
+    large = rng.integers(0, 256, (3, 1200, 1600, 3), dtype=np.uint8)
+    together, alone = image_statistics(large), np.concatenate([image_statistics(image[None]) for image in large])
+    # The principal axis of pure noise is ill-conditioned: float32 summation order moves it by hundredths of a degree.
+    tolerance = np.array([0.05 if name == "orientation" else 1e-7 for name in STAT_COLUMNS])
+    assert (np.abs(together - alone) <= tolerance + 1e-5 * np.abs(alone)).all()

@@ -219,3 +219,25 @@ def test_landing_sensor_requests_each_new_or_changed_file_until_it_is_ingested(h
     assert [r.job_name for r in fourth.run_requests] == ["load_labels"]
     execute(fourth.run_requests)
     assert evaluate(fourth.cursor).run_requests == []
+
+
+def test_a_warehouse_of_an_earlier_flywheel_gains_the_new_statistics_from_its_stored_bytes(home: Path):
+    """An earlier flywheel stored fewer statistics: the columns are added and computed from the stored
+    image bytes, and dbt's incremental models are rebuilt with them. Nothing stored is lost."""
+    resources, instance = resources_for(home), dg.DagsterInstance.ephemeral()
+    simulate_batches(home / "landing", SimulationSpec(batches=1, batch_size=40, prefix="old", drift="noise", strength=0.3))
+    assert ingest("old-000", resources, instance).success
+    assert dg.materialize(assets("raw_labels", "stg_images"), resources=resources, instance=instance).success
+    newer = ("red_green_contrast", "saturation", "sharpness")
+    columns = ", ".join(("image_id", "brightness") + newer)
+    expected = query(home, f"SELECT {columns} FROM batch_image_stats ORDER BY image_id")
+    labeled = query(home, "SELECT image_id, label, split FROM training_examples ORDER BY image_id")
+    with duckdb.connect(str(home / "warehouse.duckdb")) as connection:
+        for name in newer:
+            connection.execute(f"ALTER TABLE raw_images DROP COLUMN {name}")
+
+    assert dg.materialize(assets("raw_labels", "stg_images"), resources=resources, instance=instance).success
+    migrated = query(home, f"SELECT {columns} FROM batch_image_stats ORDER BY image_id")
+    assert [row[:2] for row in migrated] == [row[:2] for row in expected] and len(migrated) == 40
+    assert all(row[2:] == pytest.approx(before[2:], rel=1e-6) for row, before in zip(migrated, expected))
+    assert query(home, "SELECT image_id, label, split FROM training_examples ORDER BY image_id") == labeled

@@ -256,3 +256,10 @@ def test_a_wrong_field_in_flywheel_yaml_is_one_line_naming_it(home: Path, capsys
         f"flywheel run: {home / 'flywheel.yaml'}: classes: a classifier needs at least two classes; "
         "resolution: Input should be greater than or equal to 8"
     )
+    (home / "flywheel.yaml").write_text("retraining:\n  schedule: every monday\n  max_attempts: 0\n")
+    assert run_cli("run") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"flywheel run: {home / 'flywheel.yaml'}: retraining.schedule: 'every monday' is not a cron schedule "
+        "(minute hour day-of-month month day-of-week, e.g. '0 3 * * 1'); retraining.max_attempts: Input should be "
+        "greater than or equal to 1"
+    )

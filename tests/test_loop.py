@@ -12,7 +12,6 @@ import yaml
 
 from orchestration.automation import drift_sensor, monitoring_sensor
 from orchestration.definitions import defs
-from orchestration.policy import RetrainingPolicy
 from orchestration.sensors import landing_sensor
 from tests.conftest import FAST_TRAINING
 from training.inference import onnx_session, predict_onnx
@@ -34,7 +33,7 @@ class Loop:
         (home / "flywheel.yaml").write_text(yaml.safe_dump({"trained_model": FAST_TRAINING}))
 
     def tick(self, sensor) -> list[dg.RunRequest]:
-        with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name), resources={"flywheel": self.flywheel, "retraining_policy": RetrainingPolicy()}) as context:
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name), resources={"flywheel": self.flywheel}) as context:
             result = sensor(context)
         if isinstance(result, dg.SkipReason):
             return []

@@ -18,7 +18,7 @@ from orchestration.automation import drift_sensor, monitoring_sensor
 from orchestration.definitions import defs
 from orchestration.instance import get_instance
 from flywheel.loop import run_tick
-from orchestration.policy import REASON_TAG, RetrainingPolicy
+from orchestration.policy import REASON_TAG
 from orchestration.resources import FlywheelHome
 from orchestration.sensors import landing_sensor
 from tests.conftest import model_card, write_servable_files
@@ -46,7 +46,7 @@ class Daemon:
         self.instance = dg.DagsterInstance.ephemeral()
         self.cursors: dict[str, str | None] = {}
         self.launched: set[str] = set()
-        self.resources = {"flywheel": FlywheelHome(home=str(home)), "retraining_policy": RetrainingPolicy()}
+        self.resources = {"flywheel": FlywheelHome(home=str(home))}
 
     def evaluate(self, sensor) -> tuple[list[dg.RunRequest], str | None]:
         with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name), resources=self.resources) as context:
@@ -158,7 +158,7 @@ def champion_with_drift_report(home: Path, instance: dg.DagsterInstance) -> None
 def test_a_drift_reported_while_a_retraining_runs_is_answered_after_it(home: Path):
     instance = dg.DagsterInstance.ephemeral()
     champion_with_drift_report(home, instance)
-    resources = {"flywheel": FlywheelHome(home=str(home)), "retraining_policy": RetrainingPolicy()}
+    resources = {"flywheel": FlywheelHome(home=str(home))}
 
     def evaluate():
         with dg.build_sensor_context(instance=instance, resources=resources) as context:

@@ -1,7 +1,9 @@
 """Drift statistics, with Evidently's defaults: per feature, the two-sample Kolmogorov-Smirnov test
 (drift when p < 0.05) for references up to 1,000 rows, and the Wasserstein distance normalised by
 the reference's standard deviation (drift when >= 0.1) for larger ones; the dataset drifted when
-at least half of the features did."""
+at least half of the features did. A feature that holds one and the same value in the reference and
+the batch (the colour of grayscale scans, the size of images that all come at one size) carries no
+evidence either way and is left out of that share."""
 
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ class DriftResult:
 
 
 def feature_drift(name: str, reference: np.ndarray, current: np.ndarray, policy: DriftPolicy) -> FeatureDrift:
+    if _constant(reference, current):
+        return FeatureDrift(name, "constant", 0.0, 0.0, False, float(reference[0]), float(current[0]))
     if len(reference) <= policy.small_reference:
         p_value = float(ks_2samp(reference, current).pvalue)
         method, statistic, threshold, drifted = "ks_p_value", p_value, policy.ks_p_value, p_value < policy.ks_p_value
@@ -60,6 +64,12 @@ def feature_drift(name: str, reference: np.ndarray, current: np.ndarray, policy:
     )
 
 
+def _constant(reference: np.ndarray, current: np.ndarray) -> bool:
+    """One value on both sides, up to float rounding (statistics computed in float32)."""
+    low, high = min(reference.min(), current.min()), max(reference.max(), current.max())
+    return bool(high - low <= 1e-6 * max(1.0, abs(high)))
+
+
 def dataset_drift(
     reference: pl.DataFrame, current: pl.DataFrame, features: list[str], policy: DriftPolicy
 ) -> DriftResult:
@@ -70,7 +80,8 @@ def dataset_drift(
     results = [
         feature_drift(name, reference[name].to_numpy(), current[name].to_numpy(), policy) for name in features
     ]
-    share = sum(r.drifted for r in results) / len(results)
+    informative = [r for r in results if r.method != "constant"]
+    share = sum(r.drifted for r in informative) / len(informative) if informative else 0.0
     return DriftResult(results, share, share >= policy.dataset_drift_share, reference.height, current.height)
 
 

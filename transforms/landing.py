@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from transforms.classes import label_index, unknown_label_message
-from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, ImageRejected, decode_image, image_statistics
+from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, DecodedImage, ImageRejected, StatisticsCollector, decode_image
 
 BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
@@ -253,13 +253,17 @@ def validate_batch(
 
     # Decode only what passed the cheap checks.
     candidates = rows.filter(pl.col("reason").is_null())
-    decoded: dict[int, object] = {}
+    decoded: dict[int, DecodedImage] = {}  # without their pixels, which only the statistics need
+    statistics = StatisticsCollector()
     decode_failures: dict[int, ImageRejected] = {}
     for row_number, data in zip(candidates["row_number"], candidates["image"]):
         try:
-            decoded[row_number] = decode_image(data, rules.max_pixels, to="L", fit_pixels=STATISTICS_PIXELS)
+            image = decode_image(data, rules.max_pixels, fit_pixels=STATISTICS_PIXELS)
         except ImageRejected as rejected:
             decode_failures[row_number] = rejected
+            continue
+        statistics.add(row_number, image.pixels)
+        decoded[row_number] = replace(image, pixels=None)
     if decode_failures:
         failures = pl.DataFrame(
             {
@@ -304,7 +308,7 @@ def validate_batch(
     accepted = rows.filter(pl.col("reason").is_null())
     return ValidatedBatch(
         batch_id=batch_id,
-        images=_accepted_images(batch_id, accepted, decoded, extra_columns),
+        images=_accepted_images(batch_id, accepted, decoded, statistics.values(), extra_columns),
         quarantined=quarantined.cast(QUARANTINE_SCHEMA),
         classes=classes,
     )
@@ -328,15 +332,11 @@ def _sha256(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def _accepted_images(batch_id: str, accepted: pl.DataFrame, decoded: dict, extra_columns: list[str]) -> pl.DataFrame:
+def _accepted_images(
+    batch_id: str, accepted: pl.DataFrame, decoded: dict[int, DecodedImage], statistics: dict, extra_columns: list[str],
+) -> pl.DataFrame:
     images = [decoded[row] for row in accepted["row_number"]]
-    stats = np.zeros((len(images), len(STAT_COLUMNS)))
-    # Statistics are vectorised per image shape; a batch usually has one shape.
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for position, image in enumerate(images):
-        by_shape.setdefault(image.pixels.shape, []).append(position)
-    for positions in by_shape.values():
-        stats[positions] = image_statistics(np.stack([images[p].pixels for p in positions]))
+    stats = np.array([statistics[row] for row in accepted["row_number"]]).reshape(-1, len(STAT_COLUMNS))
 
     metadata = (
         pl.struct([pl.col(c).cast(pl.Utf8, strict=False) for c in extra_columns]).struct.json_encode()

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from transforms.images import STAT_COLUMNS, Preprocessing, decode_image
+from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, Preprocessing, StatisticsCollector, decode_image
 from transforms.labels import LabelSet
 from transforms.landing import ValidatedBatch
 
@@ -108,9 +108,63 @@ def connect(
     try:
         if not read_only:
             connection.execute(SCHEMA_DDL)
+            add_missing_statistics(connection)
         yield connection
     finally:
         connection.close()
+
+
+def prepare(path: Path) -> None:
+    """Create the raw tables, or bring an earlier flywheel's up to date, before dbt reads them."""
+    with connect(path):
+        pass
+
+
+# dbt's incremental models over raw_images: rebuilt in full when raw_images gains columns.
+INCREMENTAL_MODELS = ("int_images", "batch_image_stats")
+
+
+def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int = 500) -> list[str]:
+    """Bring a warehouse written by an earlier flywheel up to today's `STAT_COLUMNS`: add the
+    missing columns, compute them from the stored image bytes (a page of rows at a time, in one
+    transaction), and drop dbt's incremental models so the next dbt build recomputes them with the
+    new columns. Returns the columns added (none on an up-to-date warehouse)."""
+    present = {row[0] for row in connection.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'raw_images'"
+    ).fetchall()}
+    missing = [name for name in STAT_COLUMNS if name not in present]
+    if not missing:
+        return []
+    with transaction(connection):
+        for name in missing:
+            connection.execute(f"ALTER TABLE raw_images ADD COLUMN {name} DOUBLE")
+        connection.execute(f"CREATE TEMP TABLE backfilled (batch_id VARCHAR, image_id VARCHAR, {_STAT_DDL})")
+        last = ("", "")
+        while page := connection.execute(
+            "SELECT batch_id, image_id, image FROM raw_images WHERE (batch_id, image_id) > ($batch, $image) "
+            "ORDER BY batch_id, image_id LIMIT $rows",
+            {"batch": last[0], "image": last[1], "rows": page_rows},
+        ).fetchall():
+            statistics = StatisticsCollector()
+            for batch_id, image_id, data in page:
+                # Every stored image passed validation at ingestion, so decoding cannot be refused.
+                statistics.add((batch_id, image_id), decode_image(data, max_pixels=2**62, fit_pixels=STATISTICS_PIXELS).pixels)
+            values = statistics.values()
+            page_statistics = pa.table({  # noqa: F841 - read by DuckDB's replacement scan
+                "batch_id": [key[0] for key in values], "image_id": [key[1] for key in values],
+                **{name: [float(row[i]) for row in values.values()] for i, name in enumerate(STAT_COLUMNS)},
+            })
+            connection.execute("INSERT INTO backfilled BY NAME SELECT * FROM page_statistics")
+            last = page[-1][:2]
+        assignments = ", ".join(f"{name} = c.{name}" for name in missing)
+        connection.execute(
+            f"UPDATE raw_images SET {assignments} FROM backfilled AS c "
+            "WHERE raw_images.batch_id = c.batch_id AND raw_images.image_id = c.image_id"
+        )
+        connection.execute("DROP TABLE backfilled")
+        for model in INCREMENTAL_MODELS:
+            connection.execute(f"DROP TABLE IF EXISTS {model}")
+    return missing
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from orchestration.checks import DRIFT_CHECK_SPECS, drift_check_results
 from orchestration.io_manager import stored_values
 from orchestration.metadata import drift_over_time_png, markdown_image, markdown_table
 from orchestration.partitions import batch_partitions
-from orchestration.policy import RetrainingPolicy
 from orchestration.resources import FlywheelHome
 from training.card import ModelCard
 from transforms.images import served_preprocessing
@@ -20,7 +19,7 @@ from training.registry import ModelVersion, Registry
 from training.tracking import log_monitoring
 from transforms import warehouse
 from transforms.drift import DriftPolicy, dataset_drift, embedding_drift, prediction_drift
-from transforms.images import STAT_COLUMNS
+from transforms.images import DRIFT_FEATURES
 
 
 class DriftConfig(dg.Config):
@@ -63,7 +62,7 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, 
     check_specs=DRIFT_CHECK_SPECS,
 )
 def drift_report(
-    context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome, retraining_policy: RetrainingPolicy,
+    context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome,
 ):
     batch_id = context.partition_key
     champion = Registry(flywheel.registry).champion()
@@ -78,7 +77,7 @@ def drift_report(
     if current_stats.is_empty():
         raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
 
-    features = dataset_drift(reference_stats, current_stats, list(STAT_COLUMNS), policy)
+    features = dataset_drift(reference_stats, current_stats, list(DRIFT_FEATURES), policy)
     reference_embeddings, reference_predictions = _reference(flywheel, champion, card, config.reference_rows)
     network = load_classifier(champion.weights, card.model)
     embeddings, _ = embed_and_predict(network, records.images)
@@ -137,4 +136,4 @@ def drift_report(
             "wandb_run": wandb_run,
         },
     )
-    yield from drift_check_results(value, retraining_policy.accuracy_margin)
+    yield from drift_check_results(value, flywheel.project.retraining.accuracy_margin)

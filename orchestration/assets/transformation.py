@@ -10,6 +10,7 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from orchestration.resources import REPO_ROOT, FlywheelHome, environment_executable
+from transforms import warehouse
 
 
 @cache
@@ -48,6 +49,7 @@ class FlywheelDbtTranslator(DagsterDbtTranslator):
 def dbt_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, flywheel: FlywheelHome):
     # The profile reads the data root from the environment; set it to this run's resource value.
     os.environ["FLYWHEEL_HOME"] = str(flywheel.root)
+    warehouse.prepare(flywheel.warehouse)
     # cautious: when automation builds a subset of the models, a test that spans a model outside it
     # (a relationships test) waits for a run that builds both, instead of failing on a missing table.
     yield from dbt.cli(["build", "--indirect-selection", "cautious"], context=context).stream()

@@ -22,6 +22,14 @@ select
     centroid_x,
     centroid_y,
     orientation,
+    red_green,
+    blue_yellow,
+    red_green_contrast,
+    blue_yellow_contrast,
+    saturation,
+    sharpness,
+    aspect_ratio,
+    megapixels,
     transformed_at
 from {{ ref('int_images') }}
 {% if is_incremental() %}

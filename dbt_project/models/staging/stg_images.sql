@@ -16,6 +16,15 @@ select
     centroid_x,
     centroid_y,
     orientation,
+    red_green,
+    blue_yellow,
+    red_green_contrast,
+    blue_yellow_contrast,
+    saturation,
+    sharpness,
+    -- The image's shape as landed: framing and camera changes show here first.
+    cast(width as double) / height as aspect_ratio,
+    cast(width as double) * height / 1000000 as megapixels,
     metadata,
     ingested_at
 from {{ source('flywheel', 'raw_images') }}
