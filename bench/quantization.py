@@ -2,7 +2,9 @@
 
 Trains the default model on the bundled digits (a few seconds), exports it the way `exported_model`
 does (every int8 recipe tried, the fastest that keeps accuracy kept), then measures side by side:
-latency at batch 1 and 64, throughput at batch 64, file size and test accuracy of fp32 and int8.
+latency at batch 1 and 64, throughput at batch 64, file size and test accuracy of fp32 and int8,
+and the time of that first export (the search) against the next one of the same architecture on this
+machine (the remembered recipe alone).
 Targets: int8 latency at batch 64 <= 0.7x fp32, int8 file <= 0.3x, accuracy drop <= 1 point.
 Prints tables, then one JSON line with the figures.
 
@@ -12,6 +14,7 @@ Prints tables, then one JSON line with the figures.
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from orchestration.assets.deployment import ExportConfig
 from training.config import FitConfig, ModelConfig, OptimConfig
 from training.data import write_beton
 from training.inference import load_classifier, onnx_latency_ms, onnx_session
-from training.export import export_candidate
+from training.export import RecipeMemory, export_candidate
 from training.fit import fit
 from transforms.simulate import digits_pool
 
@@ -42,7 +45,15 @@ def main() -> None:
         result = fit(FitConfig(beton_dir=root, run_dir=root / "run", wandb_save_dir=root, optim=OptimConfig(epochs=args.epochs)))
         network = load_classifier(Path(result.weights_path), ModelConfig())
         test_images, test_labels = rgb[cuts["test"]], labels[cuts["test"]]
-        report = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root, ExportConfig().max_accuracy_drop)
+        memory = RecipeMemory(root / "int8_recipes.json")
+        started = time.perf_counter()
+        report = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root, ExportConfig().max_accuracy_drop, memory)
+        search_seconds = time.perf_counter() - started
+        (root / "again").mkdir()
+        started = time.perf_counter()
+        again = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root / "again", ExportConfig().max_accuracy_drop, memory)
+        remembered_seconds = time.perf_counter() - started
+        assert report.int8_recipe_searched and not again.int8_recipe_searched and again.int8_recipe == report.int8_recipe
 
         figures = {}
         for name, path, accuracy in (("fp32", report.fp32_path, report.fp32_accuracy), ("int8", report.int8_path, report.int8_accuracy)):
@@ -60,6 +71,9 @@ def main() -> None:
         "int8_vs_fp32_latency_batch1": round(int8["latency_ms_batch1"] / fp32["latency_ms_batch1"], 3),
         "int8_vs_fp32_size": round(int8["bytes"] / fp32["bytes"], 3),
         "int8_accuracy_drop_points": round(100 * (fp32["accuracy"] - int8["accuracy"]), 2),
+        "export_seconds_search": round(search_seconds, 2),
+        "export_seconds_remembered": round(remembered_seconds, 2),
+        "export_remembered_vs_search": round(remembered_seconds / search_seconds, 3),
     }
     print(f"\nint8 recipes tried (test accuracy, batch-64 latency; fp32 accuracy {report.fp32_accuracy:.4f}):")
     for trial in sorted(report.recipe_trials, key=lambda t: t.latency_ms_batch64):
@@ -72,6 +86,8 @@ def main() -> None:
     print(f"\nint8 / fp32 latency at batch 64: {ratios['int8_vs_fp32_latency_batch64']:.2f}x (target <= 0.7, never > 1)")
     print(f"int8 / fp32 size: {ratios['int8_vs_fp32_size']:.2f}x (target <= 0.3)")
     print(f"accuracy drop: {ratios['int8_accuracy_drop_points']:.2f} points (target <= 1)")
+    print(f"export with the recipe search: {search_seconds:.1f} s; the next export of this architecture on this machine "
+          f"(remembered recipe): {remembered_seconds:.1f} s ({ratios['export_remembered_vs_search']:.2f}x)")
     print(json.dumps({"fp32": fp32, "int8": int8, **ratios, "int8_recipe": report.int8_recipe, "runs": args.runs,
                       "targets": {"latency_batch64_max": 0.7, "size_max": 0.3, "accuracy_drop_points_max": 1.0}}))
 

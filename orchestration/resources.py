@@ -67,6 +67,11 @@ class FlywheelHome(dg.ConfigurableResource):
         return self.root / "registry"
 
     @property
+    def int8_recipes(self) -> Path:
+        """The int8 recipe chosen per architecture and machine (`training.export.RecipeMemory`)."""
+        return self.root / "export" / "int8_recipes.json"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -4,11 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.config import ModelConfig
 from training.inference import load_classifier, onnx_session, predict_onnx
+from training.model import ImageClassifier
 from orchestration.assets.deployment import ExportConfig
-from training.export import export_candidate, export_gate
+from training.export import (
+    CANDIDATE_RECIPES, RECIPES_BY_NAME, RecipeMemory, calibration_sample, choose_int8, export_candidate, export_fp32, export_gate,
+)
 from training.registry import CARD_FILE, Registry, RegistryError
 
 from tests.conftest import model_card, write_servable_files
@@ -20,7 +24,7 @@ def exported(trained_weights: Path, digits_splits: dict, tmp_path_factory: pytes
     folder = tmp_path_factory.mktemp("export")
     report = export_candidate(
         network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"],
-        digits_splits["labels"]["test"], folder, ExportConfig().max_accuracy_drop,
+        digits_splits["labels"]["test"], folder, ExportConfig().max_accuracy_drop, RecipeMemory(folder / "recipes.json"),
     )
     return folder, report
 
@@ -32,6 +36,48 @@ def test_onnx_export_matches_torch_and_int8_passes_the_export_gate(exported):
     assert report.size_ratio <= 0.3
     passed, reasons = export_gate(report, ExportConfig().policy())
     assert passed, reasons
+
+
+def test_the_recipe_search_runs_once_per_architecture_and_machine(
+    exported, trained_weights: Path, digits_splits: dict, tmp_path: Path,
+):
+    folder, searched = exported
+    memory = RecipeMemory(folder / "recipes.json")
+    key = memory.key(folder / "model.onnx")
+    assert searched.int8_recipe_searched and len(searched.recipe_trials) == len(CANDIDATE_RECIPES)
+    assert memory.recall(key) == RECIPES_BY_NAME[searched.int8_recipe]
+
+    # Other weights of the same architecture on the same machine: the remembered recipe alone.
+    network = load_classifier(trained_weights, ModelConfig(width=32))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.mul_(1.01)
+    again = export_candidate(
+        network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"],
+        digits_splits["labels"]["test"], tmp_path, ExportConfig().max_accuracy_drop, memory,
+    )
+    assert not again.int8_recipe_searched and [t.recipe for t in again.recipe_trials] == [searched.int8_recipe]
+    assert again.int8_recipe == searched.int8_recipe and export_gate(again, ExportConfig().policy())[0]
+
+    # Another architecture is another key; a remembered recipe that loses accuracy means a new search.
+    assert RecipeMemory.key(tmp_path / "model.onnx") == key
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    assert RecipeMemory.key(export_fp32(ImageClassifier(ModelConfig(width=48)).eval(), 32, wider / "model.onnx")) != key
+    chosen, trials, searched_again = choose_int8(
+        folder / "model.onnx", digits_splits["images"]["val"], digits_splits["images"]["test"], digits_splits["labels"]["test"],
+        -1.0, tmp_path / "refused.int8.onnx", recipes=CANDIDATE_RECIPES[:2], remembered=CANDIDATE_RECIPES[3],
+    )
+    assert searched_again and [t.recipe for t in trials] == [r.name for r in CANDIDATE_RECIPES[:2]]
+
+
+def test_calibration_takes_a_bounded_sample_balanced_over_the_classes():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    images = np.arange(len(labels))[:, None, None, None] * np.ones((1, 2, 2, 3), np.int64)
+    sample = calibration_sample(images, labels, 60)
+    counts = np.bincount(labels[sample[:, 0, 0, 0]], minlength=3)
+    assert counts.tolist() == [25, 25, 10] and len(np.unique(sample[:, 0, 0, 0])) == 60
+    assert len(calibration_sample(images[:50], labels[:50], 60)) == 50
 
 
 def test_export_gate_fails_when_the_limits_are_not_met(exported):

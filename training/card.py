@@ -62,6 +62,8 @@ class ExportSummary(BaseModel, frozen=True):
     exporter: str
     int8_recipe: str
     int8_recipe_trials: list[RecipeTrial]
+    # False when the recipe remembered for this architecture and machine was reused without a search.
+    int8_recipe_searched: bool = True
     settings: ExportGatePolicy
 
 
@@ -141,6 +143,7 @@ def build_card(
             exporter="torch.onnx.export(dynamo=True)",
             int8_recipe=report.int8_recipe,
             int8_recipe_trials=report.recipe_trials,
+            int8_recipe_searched=report.int8_recipe_searched,
             settings=export_settings,
         ),
         gates=CardGates(evaluation=evaluation_gate, export=export_gate, served=served_gate),

@@ -1,11 +1,20 @@
 """Export to the ONNX contract (uint8 `image` [N, H, W, 3] -> float32 `logits` [N, classes]) and int8
-quantization with ONNX Runtime, calibrated on the validation split."""
+quantization with ONNX Runtime, calibrated on the validation split.
+
+Which int8 recipe is fastest while keeping accuracy depends on the network's architecture and on the
+CPU and ONNX Runtime that serve it, not on the weights: the search over every recipe runs once per
+architecture and machine (`RecipeMemory`), and later exports quantize with the remembered winner
+only, searching again when it no longer keeps the accuracy."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +106,85 @@ CANDIDATE_RECIPES = tuple(
 ) + (QuantizationRecipe(QuantFormat.QOperator, QuantType.QUInt8, QuantType.QInt8, True, reduce_range=True),)
 
 
+def calibration_sample(images: np.ndarray, labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """At most `size` calibration images, balanced over the classes (each class in turn, in a seeded
+    random order), so a rare class still sets its activation ranges and the calibrator, which keeps
+    the activations of every image it sees, stays within bounds whatever the size of the split."""
+    if len(images) <= size:
+        return images
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
+    interleaved = [members[rank] for rank in range(max(map(len, by_class))) for members in by_class if rank < len(members)]
+    return images[np.sort(interleaved[:size])]
+
+
+RECIPES_BY_NAME = {recipe.name: recipe for recipe in CANDIDATE_RECIPES}
+# CPU features that decide which int8 kernels ONNX Runtime runs (VNNI/AMX: the U8S8 fast paths).
+INT8_CPU_FLAGS = frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def architecture_signature(fp32_path: Path) -> dict:
+    """The network's graph without its weights: operators in order and the shapes of its tensors."""
+    graph = onnx.load(str(fp32_path)).graph
+    return {
+        "operators": [node.op_type for node in graph.node],
+        "initializers": sorted([initializer.name, list(initializer.dims)] for initializer in graph.initializer),
+    }
+
+
+def machine_signature() -> dict:
+    """What makes a recipe faster on one machine than another: the CPU, its int8 instructions and ORT."""
+    import onnxruntime
+
+    cpu, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not cpu:
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "machine": platform.machine(), "int8_instructions": sorted(flags & INT8_CPU_FLAGS),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+class RecipeMemory:
+    """The int8 recipe an export search chose, per architecture and machine, in a JSON file beside the
+    exports (`$FLYWHEEL_HOME/export/int8_recipes.json`), written whole and renamed into place."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @staticmethod
+    def key(fp32_path: Path) -> str:
+        signature = {"architecture": architecture_signature(fp32_path), "machine": machine_signature()}
+        return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _entries(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: the search runs and writes a good file
+
+    def recall(self, key: str) -> QuantizationRecipe | None:
+        entry = self._entries().get(key)
+        return RECIPES_BY_NAME.get(entry["recipe"]) if isinstance(entry, dict) else None
+
+    def remember(self, key: str, recipe: str) -> None:
+        entries = self._entries()
+        entries[key] = {"recipe": recipe, "machine": machine_signature(), "searched_at": datetime.now(timezone.utc).isoformat()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        partial.write_text(json.dumps(entries, indent=2, sort_keys=True))
+        os.replace(partial, self.path)
+
+
 class _UintInputNotice(logging.Filter):
     """ORT's quantizer warns, on the root logger, that the uint8 `image` input cannot be quantized.
     It is uint8 by contract and meant to stay so; every other warning passes."""
@@ -147,24 +235,38 @@ class RecipeTrial:
     passed_accuracy_gate: bool
 
 
+def _trial(
+    fp32_path: Path, calibration_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+    recipe: QuantizationRecipe, fp32_accuracy: float, max_accuracy_drop: float, path: Path,
+) -> tuple[RecipeTrial, Path]:
+    candidate = path.with_name(f".{path.stem}.{recipe.name}.onnx")
+    quantize_int8(fp32_path, calibration_images, candidate, recipe)
+    session = onnx_session(candidate)
+    accuracy = float((predict_onnx(session, test_images).argmax(axis=1) == test_labels).mean())
+    trial = RecipeTrial(
+        recipe.name, accuracy, onnx_latency_ms(session, test_images, batch_size=64, runs=5),
+        candidate.stat().st_size, fp32_accuracy - accuracy <= max_accuracy_drop + 1e-9,
+    )
+    return trial, candidate
+
+
 def choose_int8(
     fp32_path: Path, calibration_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
     max_accuracy_drop: float, path: Path, recipes: tuple[QuantizationRecipe, ...] = CANDIDATE_RECIPES,
-) -> tuple[RecipeTrial, list[RecipeTrial]]:
-    """Quantize with every recipe; keep, at `path`, the fastest one (batch 64, on this machine) whose
-    test accuracy is within `max_accuracy_drop` of fp32. Returns (the chosen trial, all trials)."""
+    remembered: QuantizationRecipe | None = None,
+) -> tuple[RecipeTrial, list[RecipeTrial], bool]:
+    """Keep, at `path`, the fastest int8 recipe (batch 64, on this machine) whose test accuracy is
+    within `max_accuracy_drop` of fp32: the `remembered` one alone when it keeps the accuracy, else the
+    best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
     fp32_accuracy = float((predict_onnx(onnx_session(fp32_path), test_images).argmax(axis=1) == test_labels).mean())
-    results = []
-    for recipe in recipes:
-        candidate = path.with_name(f".{path.stem}.{recipe.name}.onnx")
-        quantize_int8(fp32_path, calibration_images, candidate, recipe)
-        session = onnx_session(candidate)
-        accuracy = float((predict_onnx(session, test_images).argmax(axis=1) == test_labels).mean())
-        trial = RecipeTrial(
-            recipe.name, accuracy, onnx_latency_ms(session, test_images, batch_size=64, runs=5),
-            candidate.stat().st_size, fp32_accuracy - accuracy <= max_accuracy_drop + 1e-9,
-        )
-        results.append((trial, candidate))
+    arguments = (fp32_path, calibration_images, test_images, test_labels)
+    if remembered is not None:
+        trial, candidate = _trial(*arguments, remembered, fp32_accuracy, max_accuracy_drop, path)
+        if trial.passed_accuracy_gate:
+            os.replace(candidate, path)
+            return trial, [trial], False
+        candidate.unlink(missing_ok=True)
+    results = [_trial(*arguments, recipe, fp32_accuracy, max_accuracy_drop, path) for recipe in recipes]
     passing = [result for result in results if result[0].passed_accuracy_gate]
     # When nothing keeps the accuracy, the most accurate is kept and the export gate says no.
     chosen, chosen_path = (
@@ -173,7 +275,7 @@ def choose_int8(
     os.replace(chosen_path, path)
     for _, other in results:
         other.unlink(missing_ok=True)
-    return chosen, [trial for trial, _ in results]
+    return chosen, [trial for trial, _ in results], True
 
 
 @dataclass(frozen=True)
@@ -187,6 +289,7 @@ class ExportReport:
     int8_accuracy: float
     int8_recipe: str
     recipe_trials: list[RecipeTrial]
+    int8_recipe_searched: bool  # False: the recipe remembered for this architecture and machine was reused
 
     @property
     def size_ratio(self) -> float:
@@ -200,13 +303,18 @@ class ExportReport:
 def export_candidate(
     network: ImageClassifier, resolution: int, calibration_images: np.ndarray,
     test_images: np.ndarray, test_labels: np.ndarray, directory: Path, max_accuracy_drop: float,
+    recipe_memory: RecipeMemory | None = None,
 ) -> ExportReport:
     """fp32 ONNX and the fastest int8 recipe that keeps accuracy, in `directory`, with parity and the
-    test accuracy of each file."""
+    test accuracy of each file. With `recipe_memory`, the search runs once per architecture and machine."""
     fp32 = export_fp32(network, resolution, directory / "model.onnx")
-    chosen, trials = choose_int8(
-        fp32, calibration_images, test_images, test_labels, max_accuracy_drop, directory / "model.int8.onnx"
+    key = recipe_memory.key(fp32) if recipe_memory else ""
+    chosen, trials, searched = choose_int8(
+        fp32, calibration_images, test_images, test_labels, max_accuracy_drop, directory / "model.int8.onnx",
+        remembered=recipe_memory.recall(key) if recipe_memory else None,
     )
+    if recipe_memory and searched and chosen.passed_accuracy_gate:
+        recipe_memory.remember(key, chosen.recipe)
     int8 = directory / "model.int8.onnx"
     return ExportReport(
         fp32_path=str(fp32),
@@ -218,6 +326,7 @@ def export_candidate(
         int8_accuracy=chosen.accuracy,
         int8_recipe=chosen.recipe,
         recipe_trials=trials,
+        int8_recipe_searched=searched,
     )
 
 

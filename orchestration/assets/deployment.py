@@ -15,7 +15,7 @@ from training.card import GateVerdict, Lineage, build_card
 from training.config import ModelConfig
 from training.data import read_beton
 from training.evaluate import Metrics, TestSet, evaluate_candidate
-from training.export import ExportGatePolicy, export_candidate, export_gate
+from training.export import ExportGatePolicy, RecipeMemory, calibration_sample, export_candidate, export_gate
 from training.gate import GateDecision, GatePolicy
 from training.inference import load_classifier, onnx_session, predict_onnx
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
@@ -26,6 +26,9 @@ class ExportConfig(dg.Config):
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="int8 may lose at most this much top-1 accuracy vs fp32.")
     max_size_ratio: float = Field(0.3, gt=0, description="int8 file at most this fraction of the fp32 file.")
     max_parity_diff: float = Field(1e-3, gt=0, description="Largest allowed |torch - ONNX fp32| logit difference.")
+    calibration_images: int = Field(
+        512, ge=16, description="int8 calibration sample: at most this many validation images, balanced over the classes.",
+    )
 
     def policy(self) -> ExportGatePolicy:
         return ExportGatePolicy(self.max_accuracy_drop, self.max_size_ratio, self.max_parity_diff)
@@ -54,7 +57,9 @@ def exported_model(
     if version is not None:
         context.log.info(f"{version.version} was exported from these same inputs already; publishing nothing new")
     else:
-        version = _export_and_publish(context, config, registry, fingerprint, ffcv_datasets, trained_model, model_evaluation)
+        version = _export_and_publish(
+            context, config, registry, RecipeMemory(flywheel.int8_recipes), fingerprint, ffcv_datasets, trained_model, model_evaluation,
+        )
         artifact_run = log_model_artifact(version.path, version.version, version.card(), flywheel.root)
     card = version.card()
     export, gate, served = card.export, card.gates.export, card.gates.served
@@ -76,6 +81,7 @@ def exported_model(
             "int8_test_accuracy": card.metrics.test_accuracy_int8,
             "parity_max_abs_diff": export.parity_max_abs_diff,
             "int8_recipe": export.int8_recipe,
+            "int8_recipe_source": "searched over every recipe" if export.int8_recipe_searched else "remembered for this architecture and machine",
             "int8_recipe_trials": markdown_table(trials),
             "wandb_artifact_run": artifact_run or "none (already logged when published)",
             "export_gate_passed": gate.passed,
@@ -87,18 +93,20 @@ def exported_model(
 
 
 def _export_and_publish(
-    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, fingerprint: str,
-    ffcv_datasets: dict, trained_model: dict, model_evaluation: dict,
+    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, recipe_memory: RecipeMemory,
+    fingerprint: str, ffcv_datasets: dict, trained_model: dict, model_evaluation: dict,
 ) -> ModelVersion:
     model_config = ModelConfig.model_validate(trained_model["model"])
     network = load_classifier(Path(trained_model["weights_path"]), model_config)
-    calibration_images, _ = read_beton(Path(ffcv_datasets["splits"]["val"]["path"]))
+    validation_images, validation_labels = read_beton(Path(ffcv_datasets["splits"]["val"]["path"]))
+    calibration_images = calibration_sample(validation_images, validation_labels, config.calibration_images)
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
 
     staging = registry.staging_dir(context.run_id)
     report = export_candidate(
-        network, model_config.resolution, calibration_images, test.images, test.labels, staging, config.max_accuracy_drop
+        network, model_config.resolution, calibration_images, test.images, test.labels, staging, config.max_accuracy_drop,
+        recipe_memory,
     )
     passed, reasons = export_gate(report, config.policy())
     # The model users get is the int8 file: it faces the champion's int8 file by the evaluation gate's rules.
