@@ -2,6 +2,7 @@ import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
@@ -64,7 +65,7 @@ def png_bytes(value: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_predict_scores_good_files_and_reports_bad_ones(champion: Path, tmp_path: Path, capsys):
+def test_predict_scores_good_files_and_reports_bad_ones(champion: Path, tmp_path: Path, capsys, monkeypatch):
     assert run_cli("simulate", "--batches", "1", "--size", "12") == 0
     landing = champion / "landing" / "digits-000.parquet"
     with_bad_row = tmp_path / "mixed.parquet"
@@ -90,6 +91,18 @@ def test_predict_scores_good_files_and_reports_bad_ones(champion: Path, tmp_path
     truth = pl.read_parquet(landing).select("image_id", pl.col("label").alias("truth"))
     joined = truth.join(predictions, on="image_id")
     assert (joined["truth"] == joined["label"]).mean() >= 0.75
+
+    # Scored and written a few images at a time: the same answers, in the same order.
+    import flywheel.predict
+
+    monkeypatch.setattr(flywheel.predict, "PREDICT_CHUNK", 4)
+    chunked = tmp_path / "out" / "chunked.parquet"
+    assert run_cli("predict", str(landing), str(with_bad_row), str(image), str(junk), "--output", str(chunked), "--top-k", "2") == 1
+    again = pl.read_parquet(chunked)
+    assert again["image_id"].to_list() == predictions["image_id"].to_list()
+    assert again["label"].to_list() == predictions["label"].to_list()
+    assert np.allclose(again["probability"].to_numpy(), predictions["probability"].to_numpy(), atol=1e-6)
+    assert "label_name_2" in again.columns and not list(chunked.parent.glob(".*partial"))
 
 
 def test_predict_needs_a_champion(home: Path, tmp_path: Path, capsys):

@@ -8,10 +8,11 @@ import torch
 
 from training.config import ModelConfig
 from training.inference import load_classifier, onnx_session, predict_onnx
+from training.data import read_beton
 from training.model import ImageClassifier
 from orchestration.assets.deployment import ExportConfig
 from training.export import (
-    CANDIDATE_RECIPES, RECIPES_BY_NAME, RecipeMemory, calibration_sample, choose_int8, export_candidate, export_fp32, export_gate,
+    CANDIDATE_RECIPES, RECIPES_BY_NAME, RecipeMemory, calibration_indices, choose_int8, export_candidate, export_fp32, export_gate,
 )
 from training.registry import CARD_FILE, Registry, RegistryError
 
@@ -71,13 +72,18 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
     assert searched_again and [t.recipe for t in trials] == [r.name for r in CANDIDATE_RECIPES[:2]]
 
 
-def test_calibration_takes_a_bounded_sample_balanced_over_the_classes():
+def test_calibration_takes_a_bounded_sample_balanced_over_the_classes(digits_splits: dict):
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
-    images = np.arange(len(labels))[:, None, None, None] * np.ones((1, 2, 2, 3), np.int64)
-    sample = calibration_sample(images, labels, 60)
-    counts = np.bincount(labels[sample[:, 0, 0, 0]], minlength=3)
-    assert counts.tolist() == [25, 25, 10] and len(np.unique(sample[:, 0, 0, 0])) == 60
-    assert len(calibration_sample(images[:50], labels[:50], 60)) == 50
+    chosen = calibration_indices(labels, 60)
+    assert np.bincount(labels[chosen], minlength=3).tolist() == [25, 25, 10]
+    assert len(np.unique(chosen)) == 60 and (np.diff(chosen) > 0).all()
+    assert calibration_indices(labels[:50], 60).tolist() == list(range(50))
+
+    # Only the chosen examples are read from the .beton, in written order.
+    images, labels = digits_splits["images"]["val"], digits_splits["labels"]["val"]
+    chosen = calibration_indices(labels, 40)
+    sample, sample_labels = read_beton(digits_splits["dir"] / "val.beton", indices=chosen)
+    assert np.array_equal(sample, images[chosen]) and np.array_equal(sample_labels, labels[chosen])
 
 
 def test_export_gate_fails_when_the_limits_are_not_met(exported):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
@@ -241,3 +242,21 @@ def test_a_warehouse_of_an_earlier_flywheel_gains_the_new_statistics_from_its_st
     assert [row[:2] for row in migrated] == [row[:2] for row in expected] and len(migrated) == 40
     assert all(row[2:] == pytest.approx(before[2:], rel=1e-6) for row, before in zip(migrated, expected))
     assert query(home, "SELECT image_id, label, split FROM training_examples ORDER BY image_id") == labeled
+
+
+def test_a_split_streamed_to_disk_holds_exactly_the_images_of_the_split(home: Path):
+    from transforms import warehouse
+    from transforms.images import Preprocessing
+
+    resources, instance = resources_for(home), dg.DagsterInstance.ephemeral()
+    simulate_batches(home / "landing", SimulationSpec(batches=1, batch_size=120, prefix="disk"))
+    assert ingest("disk-000", resources, instance).success
+    assert dg.materialize(assets("raw_labels", "stg_images"), resources=resources, instance=instance).success
+    preprocessing = Preprocessing(24, "center_crop", "rgb")
+    with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
+        for split in ("train", "test"):
+            in_memory = warehouse.split_records(connection, split, preprocessing)
+            streamed = warehouse.split_to_disk(connection, split, preprocessing, home / f"{split}.npy", rows_per_fetch=7)
+            assert isinstance(streamed.images, np.memmap) and streamed.images.shape == (in_memory.index.height, 24, 24, 3)
+            assert np.array_equal(streamed.images, in_memory.images) and streamed.index.equals(in_memory.index)
+            assert in_memory.index.height > 10

@@ -76,9 +76,11 @@ def make_loader(
     seed: int = 0,
     distributed: bool = False,
     device: torch.device | None = None,
+    indices: np.ndarray | None = None,
 ) -> Loader:
     return Loader(
         str(path),
+        indices=indices,
         batch_size=batch_size,
         num_workers=num_workers,
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
@@ -90,10 +92,13 @@ def make_loader(
     )
 
 
-def read_beton(path: Path, batch_size: int = 256, num_workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split as arrays `(images uint8 [N, H, W, 3], labels int64 [N])`, in written order."""
+def read_beton(
+    path: Path, batch_size: int = 256, num_workers: int = 1, indices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split, or the examples at sorted `indices` of it, as arrays `(images uint8 [N, H, W, 3],
+    labels int64 [N])`, in written order."""
     images, labels = [], []
-    for image_batch, label_batch in make_loader(path, batch_size, num_workers, train=False):
+    for image_batch, label_batch in make_loader(path, batch_size, num_workers, train=False, indices=indices):
         images.append(image_batch.numpy().copy())
         labels.append(label_batch.numpy().copy())
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)

@@ -106,16 +106,17 @@ CANDIDATE_RECIPES = tuple(
 ) + (QuantizationRecipe(QuantFormat.QOperator, QuantType.QUInt8, QuantType.QInt8, True, reduce_range=True),)
 
 
-def calibration_sample(images: np.ndarray, labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """At most `size` calibration images, balanced over the classes (each class in turn, in a seeded
-    random order), so a rare class still sets its activation ranges and the calibrator, which keeps
-    the activations of every image it sees, stays within bounds whatever the size of the split."""
-    if len(images) <= size:
-        return images
+def calibration_indices(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted positions of at most `size` calibration examples, balanced over the classes (each class
+    in turn, in a seeded random order), so a rare class still sets its activation ranges and the
+    calibrator, which keeps the activations of every image it sees, stays within bounds whatever the
+    size of the split. Chosen from the labels alone: only the chosen images are read."""
+    if len(labels) <= size:
+        return np.arange(len(labels))
     rng = np.random.default_rng(seed)
     by_class = [rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
     interleaved = [members[rank] for rank in range(max(map(len, by_class))) for members in by_class if rank < len(members)]
-    return images[np.sort(interleaved[:size])]
+    return np.sort(np.array(interleaved[:size]))
 
 
 RECIPES_BY_NAME = {recipe.name: recipe for recipe in CANDIDATE_RECIPES}

@@ -315,6 +315,37 @@ def split_records(
     return _decoded(rows.sort("image_id"), preprocessing)
 
 
+def split_to_disk(
+    connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing, pixels_path: Path,
+    rows_per_fetch: int = 256,
+) -> Records:
+    """One whole split of `training_examples`, by image_id, decoded and resized into a uint8
+    `[N, R, R, 3]` array memory-mapped from `pixels_path` (a .npy file the caller deletes): the image
+    bytes are streamed a few hundred rows at a time, so memory stays bounded however large the split;
+    the pages live in the file, which the OS may evict."""
+    index = connection.execute(
+        "SELECT image_id, batch_id, label FROM training_examples WHERE split = $split ORDER BY image_id", {"split": split}
+    ).pl()
+    side = preprocessing.resolution
+    pixels_path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=(index.height, side, side, 3))
+    reader = connection.execute(
+        "SELECT r.image FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
+        "WHERE e.split = $split ORDER BY e.image_id",
+        {"split": split},
+    ).fetch_record_batch(rows_per_fetch)
+    position = 0
+    for batch in reader:
+        for data in batch.column("image").to_pylist():
+            # Every stored image passed validation at ingestion, so decoding cannot be refused.
+            pixels[position] = preprocessing(decode_image(data, max_pixels=2**62, fit_pixels=preprocessing.decode_pixels).pixels)
+            position += 1
+    if position != index.height:
+        raise RuntimeError(f"split {split}: {index.height} examples listed but {position} images read; the warehouse changed meanwhile")
+    pixels.flush()
+    return Records(pixels, index)
+
+
 def batch_records(connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing) -> Records:
     """Every accepted image of one batch, labeled or not."""
     rows = connection.execute(

@@ -38,8 +38,12 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
             if unchanged:
                 splits[split] = previous[split] | {"rewritten": False}
                 continue
-            records = warehouse.split_records(connection, split, preprocessing)
-            write_beton(beton, records.images, records.labels)
+            pixels_path = flywheel.ffcv / f".{split}.pixels.npy"
+            try:
+                records = warehouse.split_to_disk(connection, split, preprocessing, pixels_path)
+                write_beton(beton, records.images, records.labels)
+            finally:
+                pixels_path.unlink(missing_ok=True)
             records.index.write_parquet(index_path)
             splits[split] = {
                 "path": str(beton),

@@ -15,7 +15,7 @@ from training.card import GateVerdict, Lineage, build_card
 from training.config import ModelConfig
 from training.data import read_beton
 from training.evaluate import Metrics, TestSet, evaluate_candidate
-from training.export import ExportGatePolicy, RecipeMemory, calibration_sample, export_candidate, export_gate
+from training.export import ExportGatePolicy, RecipeMemory, calibration_indices, export_candidate, export_gate
 from training.gate import GateDecision, GatePolicy
 from training.inference import load_classifier, onnx_session, predict_onnx
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
@@ -98,8 +98,11 @@ def _export_and_publish(
 ) -> ModelVersion:
     model_config = ModelConfig.model_validate(trained_model["model"])
     network = load_classifier(Path(trained_model["weights_path"]), model_config)
-    validation_images, validation_labels = read_beton(Path(ffcv_datasets["splits"]["val"]["path"]))
-    calibration_images = calibration_sample(validation_images, validation_labels, config.calibration_images)
+    validation = ffcv_datasets["splits"]["val"]
+    validation_labels = pl.read_parquet(validation["index"], columns=["label"])["label"].to_numpy()
+    calibration_images, _ = read_beton(
+        Path(validation["path"]), indices=calibration_indices(validation_labels, config.calibration_images)
+    )
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
 
