@@ -120,8 +120,18 @@ def prepare(path: Path) -> None:
         pass
 
 
-# dbt's incremental models over raw_images: rebuilt in full when raw_images gains columns.
-INCREMENTAL_MODELS = ("int_images", "batch_image_stats")
+# Bringing a warehouse of an earlier flywheel up to today's statistics (`add_missing_statistics`).
+# Constants: column names come from STAT_COLUMNS, never from data.
+ADD_STATISTIC_COLUMNS = ";\n".join(f"ALTER TABLE raw_images ADD COLUMN IF NOT EXISTS {name} DOUBLE" for name in STAT_COLUMNS)
+CREATE_BACKFILL = f"CREATE TEMP TABLE backfilled (batch_id VARCHAR, image_id VARCHAR, {_STAT_DDL})"
+# Only what is missing is filled: statistics already stored keep their values.
+APPLY_BACKFILL = (
+    "UPDATE raw_images SET "
+    + ", ".join(f"{name} = coalesce(raw_images.{name}, c.{name})" for name in STAT_COLUMNS)
+    + " FROM backfilled AS c WHERE raw_images.batch_id = c.batch_id AND raw_images.image_id = c.image_id"
+)
+# dbt's incremental models over raw_images, rebuilt in full by the next dbt build.
+DROP_INCREMENTAL_MODELS = "DROP TABLE IF EXISTS int_images; DROP TABLE IF EXISTS batch_image_stats"
 
 
 def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int = 500) -> list[str]:
@@ -136,9 +146,8 @@ def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int
     if not missing:
         return []
     with transaction(connection):
-        for name in missing:
-            connection.execute(f"ALTER TABLE raw_images ADD COLUMN {name} DOUBLE")
-        connection.execute(f"CREATE TEMP TABLE backfilled (batch_id VARCHAR, image_id VARCHAR, {_STAT_DDL})")
+        connection.execute(ADD_STATISTIC_COLUMNS)
+        connection.execute(CREATE_BACKFILL)
         last = ("", "")
         while page := connection.execute(
             "SELECT batch_id, image_id, image FROM raw_images WHERE (batch_id, image_id) > ($batch, $image) "
@@ -156,14 +165,9 @@ def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int
             })
             connection.execute("INSERT INTO backfilled BY NAME SELECT * FROM page_statistics")
             last = page[-1][:2]
-        assignments = ", ".join(f"{name} = c.{name}" for name in missing)
-        connection.execute(
-            f"UPDATE raw_images SET {assignments} FROM backfilled AS c "
-            "WHERE raw_images.batch_id = c.batch_id AND raw_images.image_id = c.image_id"
-        )
+        connection.execute(APPLY_BACKFILL)
         connection.execute("DROP TABLE backfilled")
-        for model in INCREMENTAL_MODELS:
-            connection.execute(f"DROP TABLE IF EXISTS {model}")
+        connection.execute(DROP_INCREMENTAL_MODELS)
     return missing
 
 
