@@ -114,6 +114,12 @@ def connect(
         connection.close()
 
 
+def stored_pixels(data: bytes, fit_pixels: int) -> np.ndarray:
+    """RGB pixels of an image stored in `raw_images`, decoded at about `fit_pixels`. Every stored image
+    passed validation at ingestion, so no pixel limit applies and decoding cannot be refused."""
+    return decode_image(data, max_pixels=2**62, fit_pixels=fit_pixels).pixels
+
+
 def prepare(path: Path) -> None:
     """Create the raw tables, or bring an earlier flywheel's up to date, before dbt reads them."""
     with connect(path):
@@ -156,8 +162,7 @@ def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int
         ).fetchall():
             statistics = StatisticsCollector()
             for batch_id, image_id, data in page:
-                # Every stored image passed validation at ingestion, so decoding cannot be refused.
-                statistics.add((batch_id, image_id), decode_image(data, max_pixels=2**62, fit_pixels=STATISTICS_PIXELS).pixels)
+                statistics.add((batch_id, image_id), stored_pixels(data, STATISTICS_PIXELS))
             values = statistics.values()
             page_statistics = pa.table({  # noqa: F841 - read by DuckDB's replacement scan
                 "batch_id": [key[0] for key in values], "image_id": [key[1] for key in values],
@@ -280,8 +285,7 @@ def _decoded(rows: pl.DataFrame, preprocessing: Preprocessing) -> Records:
     side = preprocessing.resolution
     images = np.zeros((rows.height, side, side, 3), dtype=np.uint8)
     for position, data in enumerate(rows["image"]):
-        # Every stored image passed validation at ingestion, so decoding cannot be refused.
-        images[position] = preprocessing(decode_image(data, max_pixels=2**62, fit_pixels=preprocessing.decode_pixels).pixels)
+        images[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
     return Records(images, rows.drop("image"))
 
 
@@ -341,8 +345,7 @@ def split_to_disk(
     position = 0
     for batch in reader:
         for data in batch.column("image").to_pylist():
-            # Every stored image passed validation at ingestion, so decoding cannot be refused.
-            pixels[position] = preprocessing(decode_image(data, max_pixels=2**62, fit_pixels=preprocessing.decode_pixels).pixels)
+            pixels[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
             position += 1
     if position != index.height:
         raise RuntimeError(f"split {split}: {index.height} examples listed but {position} images read; the warehouse changed meanwhile")
