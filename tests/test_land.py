@@ -4,11 +4,13 @@ champion that predicts names, and every kind of bad item named in one line while
 
 import io
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -17,6 +19,7 @@ from orchestration.definitions import defs
 from tests.conftest import FAST_TRAINING, resources_for
 from tests.test_cli import run_cli
 from training.registry import Registry
+import transforms.land as land_module
 from transforms.landing import declared_classes
 
 CLASSES = {"cat": (200, 60, 40), "dog": (50, 160, 70), "golden retriever": (60, 80, 210)}
@@ -263,3 +266,30 @@ def test_a_wrong_field_in_flywheel_yaml_is_one_line_naming_it(home: Path, capsys
         "(minute hour day-of-month month day-of-week, e.g. '0 3 * * 1'); retraining.max_attempts: Input should be "
         "greater than or equal to 1"
     )
+
+
+def test_a_batch_is_written_in_row_groups_and_a_failure_mid_batch_leaves_only_whole_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    source = image_folder(tmp_path / "photos", per_class=4)  # 12 images
+    monkeypatch.setattr(land_module, "ROW_GROUP_BYTES", 1)  # every image its own row group
+    landing = tmp_path / "landing"
+    report = land_module.land(land_module.open_source(str(source), None, []), landing, "rg", 5, [])
+    assert [pq.ParquetFile(path).metadata.num_row_groups for path in report.written] == [5, 5, 2]
+    assert report.landed == 12 and landed_ids(landing) == 12
+
+    def failing(items):
+        for count, item in enumerate(items):
+            if count == 7:
+                raise OSError("the source disk went away")
+            yield item
+
+    second = tmp_path / "photos2"
+    image_folder(second, per_class=4, seed=1)
+    opened = land_module.open_source(str(second), None, [])
+    with pytest.raises(OSError, match="went away"):
+        land_module.land(replace(opened, items=failing(opened.items)), landing, "rg", 5, [])
+    assert not list(landing.glob(".*")), "a failed batch leaves its partial file behind"
+    assert landed_ids(landing) == 12 + 5  # the batch completed before the failure landed; the rest did not
+
+
+def landed_ids(landing: Path) -> int:
+    return pl.read_parquet(sorted(landing.glob("*.parquet")), columns=["image_id"]).height

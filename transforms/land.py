@@ -8,9 +8,9 @@ A source is
   ...) is opened through fsspec.
 
 An image's `image_id`, unless the manifest gives one, is derived from its bytes, so landing the same
-files again adds nothing: ids already in the landing folder are skipped. Items are streamed: at most
-one batch of image bytes is held, and each batch file is written under a hidden name and renamed
-into place complete. A bad item (a missing file, an unreachable URI, bytes that are not an image,
+files again adds nothing: ids already in the landing folder are skipped. Items are streamed: a batch file
+is written a row group (ROW_GROUP_BYTES of images) at a time, so memory is bounded whatever the
+batch size and the source's size, under a hidden name renamed into place when the batch is complete. A bad item (a missing file, an unreachable URI, bytes that are not an image,
 the same path twice, a class folder name that is not allowed) is reported in one line naming it and
 skipped; the good items land.
 """
@@ -35,10 +35,16 @@ from PIL import Image, UnidentifiedImageError
 
 from transforms.classes import class_name_problem
 from transforms.images import IMAGE_SUFFIXES
-from transforms.landing import check_batch_id, landed_files, write_landing_file
+from transforms.landing import LandingFileWriter, check_batch_id, landed_files
 
 MANIFEST_PATH_COLUMN = "path_or_uri"
-LANDING_SCHEMA = {"image_id": pl.Utf8, "image": pl.Binary, "label": pl.Utf8, "captured_at": pl.Datetime("us", "UTC"), "source": pl.Utf8}
+LANDING_SCHEMA = pa.schema([
+    ("image_id", pa.large_string()), ("image", pa.large_binary()), ("label", pa.large_string()),
+    ("captured_at", pa.timestamp("us", tz="UTC")), ("source", pa.large_string()),
+])
+# A batch is written in row groups of about this many image bytes: land's memory follows it, not
+# the batch size, and ingestion can read a batch a row group at a time.
+ROW_GROUP_BYTES = 16 * 2**20
 
 Labels = Literal["folders", "manifest", "none"]
 
@@ -223,44 +229,73 @@ def land(
     report = LandReport(problems=problems)
     known = landed_image_ids(landing)
     batch_ids = next_batch_ids(landing, prefix)
-    pending: list[dict] = []
+    writer: LandingFileWriter | None = None
+    rows: list[dict] = []  # the row group being gathered
+    row_bytes = 0
     landed_at = datetime.now(timezone.utc)
-    for item in source.items:
-        progress(1)
-        if item.label is not None and (problem := class_name_problem(item.label)):
-            problems.append(f"{item.where}: {problem}: skipped")
-            continue
-        try:
-            data = read_item(item.location)
-        except FileNotFoundError as error:
-            # fsspec says which part is missing (the bucket, the object); a local file is just missing.
-            detail = f"not found ({error})" if "://" in item.location and str(error) else "file not found"
-            problems.append(f"{item.where}: {detail}: skipped")
-            continue
-        except Exception as error:  # fsspec backends raise their own types for unreachable URIs
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            problems.append(f"{item.where}: cannot be read ({type(error).__name__}: {reason}): skipped")
-            continue
-        if problem := image_problem(data):
-            problems.append(f"{item.where}: {problem}: skipped")
-            continue
-        image_id = item.image_id or content_image_id(data)
-        if image_id in known:
-            report.already_landed += 1
-            continue
-        known.add(image_id)
-        pending.append({
-            "image_id": image_id, "image": data, "label": item.label,
-            "captured_at": item.captured_at or landed_at, "source": item.location,
-        })
-        if len(pending) == batch_size:
-            report.written.append(write_landing_file(landing, next(batch_ids), pl.DataFrame(pending, schema=LANDING_SCHEMA), source.classes))
-            report.landed += len(pending)
-            pending = []
-    if pending:
-        report.written.append(write_landing_file(landing, next(batch_ids), pl.DataFrame(pending, schema=LANDING_SCHEMA), source.classes))
-        report.landed += len(pending)
+
+    def flush() -> None:
+        nonlocal row_bytes
+        writer.write(pa.Table.from_pylist(rows, schema=LANDING_SCHEMA))
+        rows.clear()
+        row_bytes = 0
+
+    try:
+        for item in source.items:
+            progress(1)
+            data = _checked_bytes(item, problems)
+            if data is None:
+                continue
+            image_id = item.image_id or content_image_id(data)
+            if image_id in known:
+                report.already_landed += 1
+                continue
+            known.add(image_id)
+            if writer is None:
+                writer = LandingFileWriter(landing, next(batch_ids), LANDING_SCHEMA, source.classes)
+            rows.append({
+                "image_id": image_id, "image": data, "label": item.label,
+                "captured_at": item.captured_at or landed_at, "source": item.location,
+            })
+            row_bytes += len(data)
+            if row_bytes >= ROW_GROUP_BYTES or writer.rows + len(rows) == batch_size:
+                flush()
+            if writer.rows == batch_size:
+                report.written.append(writer.commit())
+                report.landed += writer.rows
+                writer = None
+        if writer is not None:
+            if rows:
+                flush()
+            report.written.append(writer.commit())
+            report.landed += writer.rows
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
     return report
+
+
+def _checked_bytes(item: SourceItem, problems: list[str]) -> bytes | None:
+    """The item's bytes if it can land; otherwise None, and one line in `problems` saying why."""
+    if item.label is not None and (problem := class_name_problem(item.label)):
+        problems.append(f"{item.where}: {problem}: skipped")
+        return None
+    try:
+        data = read_item(item.location)
+    except FileNotFoundError as error:
+        # fsspec says which part is missing (the bucket, the object); a local file is just missing.
+        detail = f"not found ({error})" if "://" in item.location and str(error) else "file not found"
+        problems.append(f"{item.where}: {detail}: skipped")
+        return None
+    except Exception as error:  # fsspec backends raise their own types for unreachable URIs
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        problems.append(f"{item.where}: cannot be read ({type(error).__name__}: {reason}): skipped")
+        return None
+    if problem := image_problem(data):
+        problems.append(f"{item.where}: {problem}: skipped")
+        return None
+    return data
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms.classes import label_index, unknown_label_message
@@ -118,18 +119,49 @@ def declared_classes(path: Path) -> list[str]:
     return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
 
 
+class LandingFileWriter:
+    """A landing batch written row group by row group as its rows arrive, the way the landing sensor
+    expects: under a hidden name, fsynced, then renamed into place complete by `commit`. Memory holds
+    one row group, whatever the size of the batch; a writer left without `commit` removes its partial
+    file, so a failure leaves no half batch behind."""
+
+    def __init__(self, landing: Path, batch_id: str, schema: pa.Schema, classes: list[str] | None = None):
+        landing.mkdir(parents=True, exist_ok=True)
+        self.path = landing / f"{check_batch_id(batch_id)}.parquet"
+        self._partial = landing / f".{batch_id}.parquet.partial"
+        self.schema = schema.with_metadata({**(schema.metadata or {}), **declare_classes(classes or [])})
+        self._writer = pq.ParquetWriter(self._partial, self.schema)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table.cast(self.schema))
+        self.rows += table.num_rows
+
+    def commit(self) -> Path:
+        self._writer.close()
+        with open(self._partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self._partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> LandingFileWriter:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is not None:
+            self.abort()
+
+
 def write_landing_file(landing: Path, batch_id: str, frame: pl.DataFrame, classes: list[str] | None = None) -> Path:
-    """Write `landing/<batch_id>.parquet` the way the landing sensor expects: under a hidden name,
-    fsynced, then renamed into place complete; `classes` are declared in its metadata."""
-    landing.mkdir(parents=True, exist_ok=True)
-    path = landing / f"{check_batch_id(batch_id)}.parquet"
-    partial = landing / f".{batch_id}.parquet.partial"
+    """Write a whole frame as `landing/<batch_id>.parquet` (see LandingFileWriter)."""
     table = frame.to_arrow()
-    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **declare_classes(classes or [])}), partial)
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    return path
+    with LandingFileWriter(landing, batch_id, table.schema, classes) as writer:
+        writer.write(table)
+        return writer.commit()
 
 
 def read_landing_file(path: Path) -> pl.DataFrame:
