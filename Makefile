@@ -4,8 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
-# System packages: FFCV builds against OpenCV and libjpeg-turbo; the browser test drives Chromium.
-APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev chromium
+# System packages: FFCV builds against OpenCV and libjpeg-turbo; the browser test drives Chromium;
+# the dbt models are tested on a PostgreSQL server the test starts.
+APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev chromium postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DBT_SOURCES := $(shell find dbt_project/models dbt_project/macros dbt_project/tests -type f 2>/dev/null) dbt_project/dbt_project.yml dbt_project/profiles.yml
 

@@ -19,25 +19,25 @@ with changed as (
     select *
     from {{ ref('stg_images') }}
     {% if is_incremental() %}
-    where ingested_at > (select coalesce(max(ingested_at), '-infinity'::timestamptz) from {{ this }})
+    where ingested_at > (select coalesce(max(ingested_at), {{ earliest_timestamp() }}) from {{ this }})
         or image_id in (
             select image_id
             from {{ ref('stg_labels') }}
-            where labeled_at > (select coalesce(max(label_updated_at), '-infinity'::timestamptz) from {{ this }})
+            where labeled_at > (select coalesce(max(label_updated_at), {{ earliest_timestamp() }}) from {{ this }})
         )
     {% endif %}
 ),
 
 bucketed as (
     select
-        changed.* exclude (label),
+        {{ columns_except(ref('stg_images'), ['label'], 'changed') }},
         coalesce(late.label, changed.label) as label,
         case
             when late.label is not null then 'label_file'
             when changed.label is not null then 'batch'
         end as label_source,
         late.labeled_at as label_updated_at,
-        cast(md5_number(changed.image_id) % 100 as integer) as split_bucket
+        {{ split_bucket('changed.image_id') }} as split_bucket
     from changed
     left join {{ ref('stg_labels') }} as late using (image_id)
 )

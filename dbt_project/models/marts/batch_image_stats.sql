@@ -33,5 +33,5 @@ select
     transformed_at
 from {{ ref('int_images') }}
 {% if is_incremental() %}
-where transformed_at > (select coalesce(max(transformed_at), '-infinity'::timestamptz) from {{ this }})
+where transformed_at > (select coalesce(max(transformed_at), {{ earliest_timestamp() }}) from {{ this }})
 {% endif %}

@@ -23,8 +23,8 @@ select
     saturation,
     sharpness,
     -- The image's shape as landed: framing and camera changes show here first.
-    cast(width as double) / height as aspect_ratio,
-    cast(width as double) * height / 1000000 as megapixels,
+    cast(width as double precision) / height as aspect_ratio,
+    cast(width as double precision) * height / 1000000 as megapixels,
     metadata,
     ingested_at
 from {{ source('flywheel', 'raw_images') }}
