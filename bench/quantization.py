@@ -24,6 +24,7 @@ from orchestration.assets.deployment import ExportConfig
 from training.config import FitConfig, ModelConfig, OptimConfig
 from training.data import write_beton
 from training.inference import load_classifier, onnx_latency_ms, onnx_session
+from training.evaluate import TestSet
 from training.export import RecipeMemory, export_candidate
 from training.fit import fit
 from transforms.simulate import digits_pool
@@ -47,11 +48,12 @@ def main() -> None:
         test_images, test_labels = rgb[cuts["test"]], labels[cuts["test"]]
         memory = RecipeMemory(root / "int8_recipes.json")
         started = time.perf_counter()
-        report = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root, ExportConfig().max_accuracy_drop, memory)
+        test = TestSet.of_arrays(test_images, test_labels)
+        report = export_candidate(network, 32, rgb[cuts["val"]], test, root, ExportConfig().max_accuracy_drop, memory)
         search_seconds = time.perf_counter() - started
         (root / "again").mkdir()
         started = time.perf_counter()
-        again = export_candidate(network, 32, rgb[cuts["val"]], test_images, test_labels, root / "again", ExportConfig().max_accuracy_drop, memory)
+        again = export_candidate(network, 32, rgb[cuts["val"]], test, root / "again", ExportConfig().max_accuracy_drop, memory)
         remembered_seconds = time.perf_counter() - started
         assert report.int8_recipe_searched and not again.int8_recipe_searched and again.int8_recipe == report.int8_recipe
 

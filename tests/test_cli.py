@@ -11,6 +11,7 @@ from flywheel.cli import main
 from orchestration.assets.deployment import ExportConfig
 from training.config import ModelConfig
 from training.inference import load_classifier
+from training import evaluate
 from training.export import export_candidate
 from training.registry import WEIGHTS_FILE, Registry
 from tests.conftest import model_card
@@ -28,7 +29,8 @@ def champion(home: Path, trained_weights: Path, digits_splits: dict) -> Path:
     registry = Registry(home / "registry")
     staging = registry.staging_dir("test")
     network = load_classifier(trained_weights, ModelConfig(width=32))
-    report = export_candidate(network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"], digits_splits["labels"]["test"], staging, ExportConfig().max_accuracy_drop)
+    test = evaluate.TestSet.of_arrays(digits_splits["images"]["test"], digits_splits["labels"]["test"])
+    report = export_candidate(network, 32, digits_splits["images"]["val"], test, staging, ExportConfig().max_accuracy_drop)
     shutil.copyfile(trained_weights, staging / WEIGHTS_FILE)
     card = model_card(resolution=32, training_batches=("a",), test_accuracy=report.fp32_accuracy)
     version = registry.publish(staging, card)

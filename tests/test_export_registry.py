@@ -9,6 +9,7 @@ import torch
 from training.config import ModelConfig
 from training.inference import load_classifier, onnx_session, predict_onnx
 from training.data import read_beton
+from training import evaluate
 from training.model import ImageClassifier
 from orchestration.assets.deployment import ExportConfig
 from training.export import (
@@ -19,13 +20,17 @@ from training.registry import CARD_FILE, Registry, RegistryError
 from tests.conftest import model_card, write_servable_files
 
 
+def digits_test(digits_splits: dict) -> evaluate.TestSet:
+    return evaluate.TestSet.of_arrays(digits_splits["images"]["test"], digits_splits["labels"]["test"])
+
+
 @pytest.fixture(scope="module")
 def exported(trained_weights: Path, digits_splits: dict, tmp_path_factory: pytest.TempPathFactory):
     network = load_classifier(trained_weights, ModelConfig(width=32))
     folder = tmp_path_factory.mktemp("export")
     report = export_candidate(
-        network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"],
-        digits_splits["labels"]["test"], folder, ExportConfig().max_accuracy_drop, RecipeMemory(folder / "recipes.json"),
+        network, 32, digits_splits["images"]["val"], digits_test(digits_splits), folder, ExportConfig().max_accuracy_drop,
+        RecipeMemory(folder / "recipes.json"),
     )
     return folder, report
 
@@ -54,8 +59,7 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
         for parameter in network.parameters():
             parameter.mul_(1.01)
     again = export_candidate(
-        network, 32, digits_splits["images"]["val"], digits_splits["images"]["test"],
-        digits_splits["labels"]["test"], tmp_path, ExportConfig().max_accuracy_drop, memory,
+        network, 32, digits_splits["images"]["val"], digits_test(digits_splits), tmp_path, ExportConfig().max_accuracy_drop, memory,
     )
     assert not again.int8_recipe_searched and [t.recipe for t in again.recipe_trials] == [searched.int8_recipe]
     assert again.int8_recipe == searched.int8_recipe and export_gate(again, ExportConfig().policy())[0]
@@ -66,7 +70,7 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
     wider.mkdir()
     assert RecipeMemory.key(export_fp32(ImageClassifier(ModelConfig(width=48)).eval(), 32, wider / "model.onnx")) != key
     chosen, trials, searched_again = choose_int8(
-        folder / "model.onnx", digits_splits["images"]["val"], digits_splits["images"]["test"], digits_splits["labels"]["test"],
+        folder / "model.onnx", digits_splits["images"]["val"], digits_test(digits_splits), searched.fp32_accuracy,
         -1.0, tmp_path / "refused.int8.onnx", recipes=CANDIDATE_RECIPES[:2], remembered=CANDIDATE_RECIPES[3],
     )
     assert searched_again and [t.recipe for t in trials] == [r.name for r in CANDIDATE_RECIPES[:2]]

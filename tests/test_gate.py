@@ -41,7 +41,7 @@ def test_set(digits_splits: dict) -> evaluate.TestSet:
     """100 clean test images in 4 batches of 25, and the same digits inverted as a new batch."""
     images, labels = digits_splits["images"]["test"], digits_splits["labels"]["test"]
     batches = np.array([f"clean-{i % CLEAN_SLICES}" for i in range(len(labels))] + ["inverted"] * len(labels))
-    return evaluate.TestSet(np.concatenate([images, 255 - images]), np.concatenate([labels, labels]), batches)
+    return evaluate.TestSet.of_arrays(np.concatenate([images, 255 - images]), np.concatenate([labels, labels]), batches)
 
 
 def logits_of(weights: Path, test: evaluate.TestSet, forget_class: int | None = None) -> np.ndarray:
@@ -49,7 +49,8 @@ def logits_of(weights: Path, test: evaluate.TestSet, forget_class: int | None = 
     if forget_class is not None:  # the same network, whose head can no longer answer one class
         with torch.no_grad():
             network.head.bias[forget_class] = -1e4
-    return predict_torch(network, test.images)
+    (logits,) = test.logits(lambda images: predict_torch(network, images))
+    return logits
 
 
 def two_fewer_right_per_clean_slice(candidate: np.ndarray, champion: np.ndarray, test: evaluate.TestSet) -> np.ndarray:
@@ -139,7 +140,7 @@ def test_small_slices_are_reported_not_tested():
 def test_a_champion_from_before_a_class_was_added_is_compared_on_the_shared_classes():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 40)
-    test = evaluate.TestSet(np.zeros((120, 8, 8, 3), np.uint8), labels, np.array(["b"] * 120))
+    test = evaluate.TestSet.of_arrays(np.zeros((120, 8, 8, 3), np.uint8), labels, np.array(["b"] * 120))
     candidate = np.eye(3)[labels] * 5.0  # right everywhere
     champion = np.eye(3)[labels][:, :2] * 5.0 + rng.normal(0, 0.1, (120, 2))  # two outputs: never says class 2
 

@@ -6,11 +6,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
 from training.config import ComputeConfig, FitConfig, ModelConfig, OptimConfig
 from training.data import read_beton
+from training import evaluate
 from training.evaluate import classification_metrics
 from training.inference import load_classifier, predict_torch
 from training.fit import fit, resolve_precision
@@ -21,6 +23,23 @@ def test_beton_round_trip_keeps_pixels_and_labels(digits_splits: dict):
     images, labels = read_beton(digits_splits["dir"] / "test.beton")
     np.testing.assert_array_equal(images, digits_splits["images"]["test"])
     np.testing.assert_array_equal(labels, digits_splits["labels"]["test"])
+
+
+def test_the_test_set_streams_from_the_beton_a_batch_at_a_time_and_checks_its_index(digits_splits: dict, tmp_path: Path):
+    beton, labels = digits_splits["dir"] / "test.beton", digits_splits["labels"]["test"]
+    index = tmp_path / "test.index.parquet"
+    pl.DataFrame({"label": labels, "batch_id": [f"b{i % 3}" for i in range(len(labels))]}).write_parquet(index)
+    test = evaluate.TestSet.load(beton, index)
+    assert [len(batch) for batch in test.image_batches(32)] == [32, 32, 32, len(labels) - 96]
+    network = ImageClassifier(ModelConfig(width=8)).eval()
+    streamed, doubled = test.logits(lambda images: predict_torch(network, images), lambda images: 2 * predict_torch(network, images), batch_size=32)
+    np.testing.assert_allclose(streamed, predict_torch(network, digits_splits["images"]["test"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(doubled, 2 * streamed, rtol=1e-6)
+    assert test.slices.tolist()[:4] == ["b0", "b1", "b2", "b0"]
+
+    pl.DataFrame({"label": labels[:-1], "batch_id": ["b"] * (len(labels) - 1)}).write_parquet(index)
+    with pytest.raises(ValueError, match=f"describes {len(labels) - 1} examples but .*test.beton holds {len(labels)}"):
+        evaluate.TestSet.load(beton, index)
 
 
 def test_network_takes_uint8_nhwc_and_returns_logits():

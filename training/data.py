@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import numpy as np
@@ -92,16 +93,29 @@ def make_loader(
     )
 
 
+def beton_batches(
+    path: Path, batch_size: int = 256, num_workers: int = 1, indices: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A split, or the examples at sorted `indices` of it, a batch at a time in written order:
+    `(images uint8 [B, H, W, 3], labels int64 [B])`, copies (the loader reuses its buffers)."""
+    for image_batch, label_batch in make_loader(path, batch_size, num_workers, train=False, indices=indices):
+        yield image_batch.numpy().copy(), label_batch.numpy().astype(np.int64)
+
+
 def read_beton(
     path: Path, batch_size: int = 256, num_workers: int = 1, indices: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A split, or the examples at sorted `indices` of it, as arrays `(images uint8 [N, H, W, 3],
-    labels int64 [N])`, in written order."""
-    images, labels = [], []
-    for image_batch, label_batch in make_loader(path, batch_size, num_workers, train=False, indices=indices):
-        images.append(image_batch.numpy().copy())
-        labels.append(label_batch.numpy().copy())
-    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+    """A split, or the examples at sorted `indices` of it, as whole arrays: for bounded samples
+    (calibration) and small test data; evaluation streams with `beton_batches`."""
+    images, labels = zip(*beton_batches(path, batch_size, num_workers, indices))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def beton_length(path: Path) -> int:
+    """How many examples a .beton holds, from its header."""
+    from ffcv.reader import Reader
+
+    return int(Reader(str(path)).num_samples)
 
 
 class FFCVDataModule(L.LightningDataModule):

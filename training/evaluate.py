@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -88,22 +89,59 @@ def confusion_matrix_png(confusion: list[list[int]], class_names: list[str], pat
 
 @dataclass(frozen=True)
 class TestSet:
-    images: np.ndarray
+    """The test split: labels and each example's batch in memory (small), the images read a batch at
+    a time, so evaluating and exporting hold one batch of pixels whatever the size of the split."""
+
     labels: np.ndarray
     slices: np.ndarray  # batch id of each example
+    image_batches: Callable[[int], Iterator[np.ndarray]]  # batch size -> the images in order
 
     @classmethod
-    def load(cls, beton_path: Path, index_path: Path) -> "TestSet":
-        """The test split as written to FFCV, with each example's batch from the index beside it."""
+    def load(cls, beton_path: Path, index_path: Path) -> TestSet:
+        """The test split as written to FFCV, with each example's label and batch from the index beside it."""
         import polars as pl
 
-        from training.data import read_beton
+        from training.data import beton_batches, beton_length
 
-        images, labels = read_beton(beton_path)
-        slices = pl.read_parquet(index_path)["batch_id"].to_numpy()
-        if len(slices) != len(labels):
-            raise ValueError(f"{index_path} describes {len(slices)} examples but {beton_path} holds {len(labels)}")
-        return cls(images, labels, slices)
+        index = pl.read_parquet(index_path, columns=["label", "batch_id"])
+        if (held := beton_length(beton_path)) != index.height:
+            raise ValueError(f"{index_path} describes {index.height} examples but {beton_path} holds {held}")
+        return cls(
+            index["label"].to_numpy().astype(np.int64), index["batch_id"].to_numpy(),
+            lambda batch_size: (images for images, _ in beton_batches(beton_path, batch_size)),
+        )
+
+    @classmethod
+    def of_arrays(cls, images: np.ndarray, labels: np.ndarray, slices: np.ndarray | None = None) -> TestSet:
+        """Images already in memory (small data: tests and benchmarks)."""
+        slices = np.full(len(labels), "all") if slices is None else slices
+        return cls(labels, slices, lambda batch_size: (images[i : i + batch_size] for i in range(0, len(images), batch_size)))
+
+    def logits(self, *models: Callable[[np.ndarray], np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+        """Each model's logits on every test image, all in one pass over the images."""
+        outputs: list[list[np.ndarray]] = [[] for _ in models]
+        for images in self.image_batches(batch_size):
+            for output, model in zip(outputs, models):
+                output.append(model(images))
+        return [np.concatenate(output) for output in outputs]
+
+    def accuracy(self, logits: np.ndarray) -> float:
+        return float((logits.argmax(axis=1) == self.labels).mean())
+
+    def first_images(self, count: int) -> np.ndarray:
+        """The first `count` images (fewer if the split is smaller): a sample to time a model on."""
+        return next(iter(self.image_batches(count)))
+
+
+Predict = Callable[[np.ndarray], np.ndarray]  # a batch of images -> logits
+
+
+def evaluate_models(
+    test: TestSet, candidate: Predict, champion: Predict | None, num_classes: int, policy: GatePolicy, model: str,
+) -> Evaluation:
+    """`evaluate_candidate` on the logits of both models, computed in one pass over the test images."""
+    candidate_logits, *champion_logits = test.logits(candidate, *([champion] if champion else []))
+    return evaluate_candidate(candidate_logits, champion_logits[0] if champion_logits else None, test, num_classes, policy, model)
 
 
 def answers(logits: np.ndarray, metrics: Metrics) -> ModelAnswers:

@@ -28,6 +28,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from training.evaluate import TestSet
 from training.inference import onnx_latency_ms, onnx_session, predict_onnx, predict_torch
 from training.model import ImageClassifier
 
@@ -220,13 +221,6 @@ def quantize_int8(fp32_path: Path, calibration_images: np.ndarray, path: Path,
     return path
 
 
-def parity_max_abs_diff(network: ImageClassifier, onnx_path: Path, images: np.ndarray) -> float:
-    """Largest absolute logit difference between the torch network and its ONNX export."""
-    expected = predict_torch(network, images)
-    actual = predict_onnx(onnx_session(onnx_path), images)
-    return float(np.abs(expected - actual).max())
-
-
 @dataclass(frozen=True)
 class RecipeTrial:
     recipe: str
@@ -237,30 +231,30 @@ class RecipeTrial:
 
 
 def _trial(
-    fp32_path: Path, calibration_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+    fp32_path: Path, calibration_images: np.ndarray, test: TestSet, timing_images: np.ndarray,
     recipe: QuantizationRecipe, fp32_accuracy: float, max_accuracy_drop: float, path: Path,
 ) -> tuple[RecipeTrial, Path]:
     candidate = path.with_name(f".{path.stem}.{recipe.name}.onnx")
     quantize_int8(fp32_path, calibration_images, candidate, recipe)
     session = onnx_session(candidate)
-    accuracy = float((predict_onnx(session, test_images).argmax(axis=1) == test_labels).mean())
+    (logits,) = test.logits(lambda images: predict_onnx(session, images))
+    accuracy = test.accuracy(logits)
     trial = RecipeTrial(
-        recipe.name, accuracy, onnx_latency_ms(session, test_images, batch_size=64, runs=5),
+        recipe.name, accuracy, onnx_latency_ms(session, timing_images, batch_size=64, runs=5),
         candidate.stat().st_size, fp32_accuracy - accuracy <= max_accuracy_drop + 1e-9,
     )
     return trial, candidate
 
 
 def choose_int8(
-    fp32_path: Path, calibration_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+    fp32_path: Path, calibration_images: np.ndarray, test: TestSet, fp32_accuracy: float,
     max_accuracy_drop: float, path: Path, recipes: tuple[QuantizationRecipe, ...] = CANDIDATE_RECIPES,
     remembered: QuantizationRecipe | None = None,
 ) -> tuple[RecipeTrial, list[RecipeTrial], bool]:
     """Keep, at `path`, the fastest int8 recipe (batch 64, on this machine) whose test accuracy is
-    within `max_accuracy_drop` of fp32: the `remembered` one alone when it keeps the accuracy, else the
-    best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
-    fp32_accuracy = float((predict_onnx(onnx_session(fp32_path), test_images).argmax(axis=1) == test_labels).mean())
-    arguments = (fp32_path, calibration_images, test_images, test_labels)
+    within `max_accuracy_drop` of fp32's: the `remembered` one alone when it keeps the accuracy, else
+    the best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
+    arguments = (fp32_path, calibration_images, test, test.first_images(64))
     if remembered is not None:
         trial, candidate = _trial(*arguments, remembered, fp32_accuracy, max_accuracy_drop, path)
         if trial.passed_accuracy_gate:
@@ -302,16 +296,19 @@ class ExportReport:
 
 
 def export_candidate(
-    network: ImageClassifier, resolution: int, calibration_images: np.ndarray,
-    test_images: np.ndarray, test_labels: np.ndarray, directory: Path, max_accuracy_drop: float,
-    recipe_memory: RecipeMemory | None = None,
+    network: ImageClassifier, resolution: int, calibration_images: np.ndarray, test: TestSet,
+    directory: Path, max_accuracy_drop: float, recipe_memory: RecipeMemory | None = None,
 ) -> ExportReport:
-    """fp32 ONNX and the fastest int8 recipe that keeps accuracy, in `directory`, with parity and the
-    test accuracy of each file. With `recipe_memory`, the search runs once per architecture and machine."""
+    """fp32 ONNX and the fastest int8 recipe that keeps accuracy, in `directory`, with parity (the
+    largest |torch logit - ONNX logit| on the test images) and the test accuracy of each file. With
+    `recipe_memory`, the search runs once per architecture and machine."""
     fp32 = export_fp32(network, resolution, directory / "model.onnx")
+    fp32_session = onnx_session(fp32)
+    torch_logits, fp32_logits = test.logits(lambda images: predict_torch(network, images), lambda images: predict_onnx(fp32_session, images))
+    fp32_accuracy = test.accuracy(fp32_logits)
     key = recipe_memory.key(fp32) if recipe_memory else ""
     chosen, trials, searched = choose_int8(
-        fp32, calibration_images, test_images, test_labels, max_accuracy_drop, directory / "model.int8.onnx",
+        fp32, calibration_images, test, fp32_accuracy, max_accuracy_drop, directory / "model.int8.onnx",
         remembered=recipe_memory.recall(key) if recipe_memory else None,
     )
     if recipe_memory and searched and chosen.passed_accuracy_gate:
@@ -322,8 +319,8 @@ def export_candidate(
         int8_path=str(int8),
         fp32_bytes=fp32.stat().st_size,
         int8_bytes=int8.stat().st_size,
-        parity_max_abs_diff=parity_max_abs_diff(network, fp32, test_images),
-        fp32_accuracy=float((predict_onnx(onnx_session(fp32), test_images).argmax(axis=1) == test_labels).mean()),
+        parity_max_abs_diff=float(np.abs(torch_logits - fp32_logits).max()),
+        fp32_accuracy=fp32_accuracy,
         int8_accuracy=chosen.accuracy,
         int8_recipe=chosen.recipe,
         recipe_trials=trials,

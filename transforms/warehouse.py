@@ -323,43 +323,52 @@ def split_records(
     return _decoded(rows.sort("image_id"), preprocessing)
 
 
+SPLIT_INDEX = "SELECT image_id, batch_id, label FROM training_examples WHERE split = $key ORDER BY image_id"
+SPLIT_IMAGES = (
+    "SELECT r.image FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
+    "WHERE e.split = $key ORDER BY e.image_id"
+)
+BATCH_INDEX = "SELECT image_id, batch_id, label FROM raw_images WHERE batch_id = $key ORDER BY image_id"
+BATCH_IMAGES = "SELECT image FROM raw_images WHERE batch_id = $key ORDER BY image_id"
+
+
 def split_to_disk(
     connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing, pixels_path: Path,
     rows_per_fetch: int = 256,
 ) -> Records:
-    """One whole split of `training_examples`, by image_id, decoded and resized into a uint8
-    `[N, R, R, 3]` array memory-mapped from `pixels_path` (a .npy file the caller deletes): the image
-    bytes are streamed a few hundred rows at a time, so memory stays bounded however large the split;
-    the pages live in the file, which the OS may evict."""
-    index = connection.execute(
-        "SELECT image_id, batch_id, label FROM training_examples WHERE split = $split ORDER BY image_id", {"split": split}
-    ).pl()
+    """One whole split of `training_examples` (see `_records_to_disk`)."""
+    return _records_to_disk(connection, SPLIT_INDEX, SPLIT_IMAGES, split, preprocessing, pixels_path, rows_per_fetch)
+
+
+def batch_to_disk(
+    connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing, pixels_path: Path,
+    rows_per_fetch: int = 256,
+) -> Records:
+    """Every accepted image of one batch, labeled or not (see `_records_to_disk`)."""
+    return _records_to_disk(connection, BATCH_INDEX, BATCH_IMAGES, batch_id, preprocessing, pixels_path, rows_per_fetch)
+
+
+def _records_to_disk(
+    connection: duckdb.DuckDBPyConnection, index_sql: str, images_sql: str, key: str, preprocessing: Preprocessing,
+    pixels_path: Path, rows_per_fetch: int,
+) -> Records:
+    """Images by image_id, decoded and resized into a uint8 `[N, R, R, 3]` array memory-mapped from
+    `pixels_path` (a .npy file the caller deletes): the image bytes are streamed a few hundred rows at
+    a time, so memory stays bounded however many images there are; the pages live in the file, which
+    the OS may evict."""
+    index = connection.execute(index_sql, {"key": key}).pl()
     side = preprocessing.resolution
     pixels_path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=(index.height, side, side, 3))
-    reader = connection.execute(
-        "SELECT r.image FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
-        "WHERE e.split = $split ORDER BY e.image_id",
-        {"split": split},
-    ).fetch_record_batch(rows_per_fetch)
     position = 0
-    for batch in reader:
+    for batch in connection.execute(images_sql, {"key": key}).fetch_record_batch(rows_per_fetch):
         for data in batch.column("image").to_pylist():
             pixels[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
             position += 1
     if position != index.height:
-        raise RuntimeError(f"split {split}: {index.height} examples listed but {position} images read; the warehouse changed meanwhile")
+        raise RuntimeError(f"{key}: {index.height} images listed but {position} read; the warehouse changed meanwhile")
     pixels.flush()
     return Records(pixels, index)
-
-
-def batch_records(connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing) -> Records:
-    """Every accepted image of one batch, labeled or not."""
-    rows = connection.execute(
-        "SELECT image_id, batch_id, label, image FROM raw_images WHERE batch_id = $batch ORDER BY image_id",
-        {"batch": batch_id},
-    ).pl()
-    return _decoded(rows, preprocessing)
 
 
 def image_stats(

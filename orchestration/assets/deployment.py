@@ -14,7 +14,7 @@ from orchestration.resources import FlywheelHome
 from training.card import GateVerdict, Lineage, build_card
 from training.config import ModelConfig
 from training.data import read_beton
-from training.evaluate import Metrics, TestSet, evaluate_candidate
+from training.evaluate import Metrics, TestSet, evaluate_models
 from training.export import ExportGatePolicy, RecipeMemory, calibration_indices, export_candidate, export_gate
 from training.gate import GateDecision, GatePolicy
 from training.inference import load_classifier, onnx_session, predict_onnx
@@ -108,16 +108,17 @@ def _export_and_publish(
 
     staging = registry.staging_dir(context.run_id)
     report = export_candidate(
-        network, model_config.resolution, calibration_images, test.images, test.labels, staging, config.max_accuracy_drop,
-        recipe_memory,
+        network, model_config.resolution, calibration_images, test, staging, config.max_accuracy_drop, recipe_memory,
     )
     passed, reasons = export_gate(report, config.policy())
     # The model users get is the int8 file: it faces the champion's int8 file by the evaluation gate's rules.
     champion = registry.champion()
-    served = evaluate_candidate(
-        predict_onnx(onnx_session(Path(report.int8_path)), test.images),
-        None if champion is None else predict_onnx(champion.inference_session(), test.images),
-        test, model_config.num_classes, GatePolicy.model_validate(model_evaluation["gate_policy"]), "int8",
+    served_session = onnx_session(Path(report.int8_path))
+    champion_session = champion.inference_session() if champion else None
+    served = evaluate_models(
+        test, lambda images: predict_onnx(served_session, images),
+        (lambda images: predict_onnx(champion_session, images)) if champion_session else None,
+        model_config.num_classes, GatePolicy.model_validate(model_evaluation["gate_policy"]), "int8",
     )
     shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
     card = build_card(

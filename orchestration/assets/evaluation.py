@@ -9,7 +9,7 @@ import polars as pl
 from orchestration.metadata import markdown_image, markdown_table
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
-from training.evaluate import Metrics, TestSet, confusion_matrix_png, evaluate_candidate
+from training.evaluate import Metrics, TestSet, confusion_matrix_png, evaluate_models
 from training.gate import GateDecision, GatePolicy
 from training.inference import load_classifier, predict_onnx, predict_torch
 from training.registry import FP32_FILE, Registry
@@ -49,12 +49,14 @@ def model_evaluation(
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
     model_config = ModelConfig.model_validate(trained_model["model"])
-    candidate_logits = predict_torch(load_classifier(Path(trained_model["weights_path"]), model_config), test.images)
+    candidate_network = load_classifier(Path(trained_model["weights_path"]), model_config)
     champion_version = Registry(flywheel.registry).champion()
-    champion_logits = None
-    if champion_version is not None:
-        champion_logits = predict_onnx(champion_version.inference_session(FP32_FILE), test.images)
-    evaluation = evaluate_candidate(candidate_logits, champion_logits, test, model_config.num_classes, config.policy(), "fp32")
+    champion_session = champion_version.inference_session(FP32_FILE) if champion_version else None
+    evaluation = evaluate_models(
+        test, lambda images: predict_torch(candidate_network, images),
+        (lambda images: predict_onnx(champion_session, images)) if champion_session else None,
+        model_config.num_classes, config.policy(), "fp32",
+    )
     candidate, champion, decision = evaluation.candidate, evaluation.champion, evaluation.gate
     plot = confusion_matrix_png(
         candidate.confusion, ffcv_datasets["classes"], flywheel.reports / context.run_id / "confusion_matrix.png",

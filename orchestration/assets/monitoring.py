@@ -2,6 +2,9 @@
 drift (MMD on the champion's penultimate layer), prediction drift and, where the batch is labeled,
 the champion's real accuracy on it."""
 
+import tempfile
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -70,23 +73,27 @@ def drift_report(
         raise dg.Failure("drift is measured against the champion's training data, and there is no champion yet: train one first")
     card = champion.card()
     policy = DriftPolicy(config.ks_p_value, config.distance_threshold, config.small_reference, config.dataset_drift_share)
-    with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
-        reference_stats = warehouse.image_stats(connection, card.lineage.training_batches, split="train")
-        current_stats = warehouse.image_stats(connection, [batch_id])
-        records = warehouse.batch_records(connection, batch_id, served_preprocessing(card))
-    if current_stats.is_empty():
-        raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
-
-    features = dataset_drift(reference_stats, current_stats, list(DRIFT_FEATURES), policy)
     reference_embeddings, reference_predictions = _reference(flywheel, champion, card, config.reference_rows)
     network = load_classifier(champion.weights, card.model)
-    embeddings, _ = embed_and_predict(network, records.images)
+    # The batch's pixels go to a file on the data disk and are read a few hundred at a time: memory
+    # does not grow with the batch.
+    with warehouse.connect(flywheel.warehouse, read_only=True) as connection, \
+            tempfile.TemporaryDirectory(dir=flywheel.root, prefix=".drift-") as scratch:
+        reference_stats = warehouse.image_stats(connection, card.lineage.training_batches, split="train")
+        current_stats = warehouse.image_stats(connection, [batch_id])
+        if current_stats.is_empty():
+            raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
+        records = warehouse.batch_to_disk(connection, batch_id, served_preprocessing(card), Path(scratch) / "pixels.npy")
+        embeddings, _ = embed_and_predict(network, records.images)
+        # What is served is the int8 file: its predictions are the ones that count.
+        predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
+        index = records.index
+        del records  # the memory map, before its file goes
+    features = dataset_drift(reference_stats, current_stats, list(DRIFT_FEATURES), policy)
     embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
-    # What is served is the int8 file: its predictions are the ones that count.
-    predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
     classes = prediction_drift(reference_predictions, predictions, card.model.num_classes, policy)
-    labeled = records.index["label"].is_not_null().to_numpy()
-    labels = records.index["label"].fill_null(-1).to_numpy()
+    labeled = index["label"].is_not_null().to_numpy()
+    labels = index["label"].fill_null(-1).to_numpy()
     champion_accuracy = float((predictions[labeled] == labels[labeled]).mean()) if labeled.any() else None
     drifted = features.dataset_drift or embedding.drifted
 
