@@ -3,10 +3,12 @@
 Measures, side by side in one run:
   1. ingest + dbt build of one new batch with 1 vs 20 batches already in the warehouse (target <= 1.3x);
   2. ingestion throughput (read, validate, decode, statistics, load) against the bare cost of
-     decoding the same images with PIL (target >= 0.5x).
+     decoding the same images with PIL (target >= 0.5x);
+  3. the peak resident memory of ingesting one landing file of RGB photos (written by `flywheel
+     land`) in a fresh process, at two sizes (target: flat; the image bytes are streamed).
 Prints a table, then one JSON line with the figures.
 
-    .venv/bin/python bench/ingest.py [--batch-size 360] [--repeats 3]
+    .venv/bin/python bench/ingest.py [--batch-size 360] [--repeats 3] [--memory-sizes 1000 10000]
 """
 
 import argparse
@@ -100,16 +102,54 @@ def throughput(size: int) -> tuple[float, float]:
         return len(images) / elapsed, decode
 
 
+INGEST_CHILD = """
+import resource, sys
+from pathlib import Path
+from transforms import warehouse
+from transforms.landing import ValidationRules, declared_classes, read_landing_file, validate_batch
+path = Path(sys.argv[1])
+with warehouse.connect(Path(sys.argv[2])) as connection:
+    batch = validate_batch(path, read_landing_file(path), ValidationRules(classes=(), max_pixels=4096 * 4096), declared_classes(path))
+    warehouse.replace_batch(connection, batch, fingerprint="bench")
+print(batch.images.height, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def ingestion_peak_mib(count: int) -> float:
+    """Peak resident MiB of ingesting one landing file of `count` 256 px JPEG photos, in a fresh process."""
+    from land import make_folder  # bench/land.py: the same generated photos
+
+    from transforms.land import land as land_folder
+    from transforms.land import open_source
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = make_folder(Path(folder) / "photos", count, 256)
+        report = land_folder(open_source(str(source), None, []), Path(folder) / "landing", "photos", count, [])
+        (path,) = report.written
+        completed = subprocess.run(
+            [sys.executable, "-c", INGEST_CHILD, str(path), str(Path(folder) / "warehouse.duckdb")],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        if completed.returncode:
+            raise SystemExit(f"ingestion failed: {completed.stderr.strip().splitlines()[-1]}")
+        accepted, peak_kib = completed.stdout.split()
+        assert int(accepted) == count, (accepted, count)
+        return int(peak_kib) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=360)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--throughput-images", type=int, default=10000)
+    parser.add_argument("--memory-sizes", type=int, nargs=2, default=[1000, 10000])
     args = parser.parse_args()
 
     one = new_batch_cost(1, args.batch_size, args.repeats)
     twenty = new_batch_cost(20, args.batch_size, args.repeats)
     ingest_rate, decode_rate = throughput(args.throughput_images)
+    small, large = args.memory_sizes
+    peaks = {size: ingestion_peak_mib(size) for size in (small, large)}
     figures = {
         "new_batch_seconds_history_1": round(one, 3),
         "new_batch_seconds_history_20": round(twenty, 3),
@@ -121,6 +161,8 @@ def main() -> None:
         "ingest_vs_decode_ratio_target_min": 0.5,
         "batch_size": args.batch_size,
         "throughput_images": args.throughput_images,
+        "ingest_peak_mib": {str(size): round(peak, 1) for size, peak in peaks.items()},
+        "ingest_peak_growth_ratio": round(peaks[large] / peaks[small], 3),
     }
     rows = [
         ("new batch, 1 batch of history", f"{one:.2f} s", ""),
@@ -129,6 +171,9 @@ def main() -> None:
         ("ingestion throughput", f"{ingest_rate:,.0f} img/s", ""),
         ("bare PIL decode", f"{decode_rate:,.0f} img/s", ""),
         ("ratio ingestion vs decode", f"{ingest_rate / decode_rate:.2f}x", ">= 0.5x"),
+        (f"peak memory, {small:,} photos", f"{peaks[small]:.0f} MiB", ""),
+        (f"peak memory, {large:,} photos", f"{peaks[large]:.0f} MiB", ""),
+        ("ratio", f"{peaks[large] / peaks[small]:.2f}x", "flat"),
     ]
     print(f"\n{'measure':<36}{'value':>16}  target")
     for name, value, target in rows:

@@ -15,7 +15,7 @@ from orchestration.settings import current_settings
 from training.inference import predict_onnx
 from training.registry import Registry, RegistryError
 from transforms.images import IMAGE_SUFFIXES, ImageRejected, Preprocessing, decode_image, served_preprocessing
-from transforms.landing import LandingFileError, read_landing_file
+from transforms.landing import LandingFileError, image_chunks, read_landing_file
 
 
 
@@ -38,17 +38,21 @@ def _images_of(path: Path, preprocessing: Preprocessing, max_pixels: int, proble
         problems.append(f"{path}: not a .parquet file or an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return
     try:
-        frame = read_landing_file(path)  # one landing batch: bounded by the batch size
+        image_ids = read_landing_file(path)["image_id"].to_list()  # the bytes are streamed below
+        row = 0
+        for chunk in image_chunks(path):
+            for data in chunk:
+                image_id, row = image_ids[row], row + 1
+                try:
+                    if not data:
+                        raise ImageRejected("missing_image", "the image bytes are empty")
+                    pixels = preprocessing(decode_image(data, max_pixels, fit_pixels=preprocessing.decode_pixels).pixels)
+                except ImageRejected as error:
+                    problems.append(f"{path}: row {row} (image_id {image_id!r}): {error.message}")
+                    continue
+                yield image_id or f"{path.stem}:row{row}", pixels
     except LandingFileError as error:
         problems.append(str(error))
-        return
-    for row, (image_id, data) in enumerate(zip(frame["image_id"], frame["image"]), start=1):
-        try:
-            pixels = preprocessing(decode_image(data, max_pixels, fit_pixels=preprocessing.decode_pixels).pixels)
-        except ImageRejected as error:
-            problems.append(f"{path}: row {row} (image_id {image_id!r}): {error.message}")
-            continue
-        yield image_id or f"{path.stem}:row{row}", pixels
 
 
 def _chunks(items: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[tuple[list[str], np.ndarray]]:

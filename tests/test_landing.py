@@ -1,8 +1,10 @@
 import io
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -10,6 +12,7 @@ from transforms import warehouse
 from transforms.classes import DIGITS_CLASSES
 from transforms.landing import (
     LandingFileError,
+    accepted_image_chunks,
     ValidationRules,
     batch_id_of,
     check_batch_id,
@@ -150,9 +153,49 @@ def test_a_failed_replacement_keeps_what_was_stored(tmp_path: Path):
     path = tmp_path / "b1.parquet"
     landing_frame([good(i) for i in range(4)]).write_parquet(path)
     batch = validate_batch(path, read_landing_file(path), RULES, DIGITS)
-    broken = type(batch)(batch.batch_id, batch.images.with_columns(pl.lit(None, pl.Utf8).alias("content_hash")), batch.quarantined, batch.classes)
+    broken = replace(batch, images=batch.images.with_columns(pl.lit(None, pl.Utf8).alias("format")))
     with warehouse.connect(tmp_path / "w.duckdb") as connection:
         warehouse.replace_batch(connection, batch, fingerprint="test")
         with pytest.raises(Exception, match="NOT NULL"):
             warehouse.replace_batch(connection, broken, fingerprint="test")  # fails after the delete, inside the transaction
-        assert connection.execute("SELECT count(*) FROM raw_images WHERE content_hash IS NOT NULL").fetchone()[0] == 4
+        assert connection.execute("SELECT count(*) FROM raw_images WHERE format IS NOT NULL").fetchone()[0] == 4
+
+
+def test_a_batch_in_many_row_groups_is_validated_and_stored_as_in_one(tmp_path: Path):
+    rows = [good(i) for i in range(7)] + [
+        {"image_id": "text", "image": b"hello", "label": 1, "captured_at": WHEN},
+        {"image_id": "empty", "image": b"", "label": 1, "captured_at": WHEN},
+        {"image_id": "copy", "image": png(10), "label": 0, "captured_at": WHEN},  # good-0's bytes
+        good(8),
+    ]
+    stored = {}
+    for name, row_group_size in (("one", None), ("many", 2)):
+        path = tmp_path / name / "b1.parquet"
+        path.parent.mkdir()
+        pq.write_table(landing_frame(rows).to_arrow(), path, row_group_size=row_group_size)
+        batch = validate_batch(path, read_landing_file(path), RULES, DIGITS)
+        streamed = pl.concat(list(accepted_image_chunks(batch, rows=3)))
+        assert streamed["image_id"].to_list() == batch.images["image_id"].to_list()
+        with warehouse.connect(tmp_path / f"{name}.duckdb") as connection:
+            warehouse.replace_batch(connection, batch, fingerprint="test")
+            stored[name] = (
+                connection.execute("SELECT image_id, row_number, image, content_hash, width, brightness FROM raw_images ORDER BY row_number").fetchall(),
+                connection.execute("SELECT image_id, row_number, reason FROM quarantined_images ORDER BY row_number").fetchall(),
+            )
+        assert streamed["image"].to_list() == [row[2] for row in stored[name][0]]
+    assert pq.ParquetFile(tmp_path / "many" / "b1.parquet").metadata.num_row_groups == 6
+    assert stored["one"] == stored["many"]
+    images, quarantined = stored["many"]
+    assert [row[0] for row in images] == [f"good-{i}" for i in range(7)] + ["good-8"]
+    assert quarantined == [("text", 8, "undecodable_image"), ("empty", 9, "missing_image"), ("copy", 10, "duplicate_content")]
+
+
+def test_a_landing_file_replaced_between_validation_and_storing_stores_nothing(tmp_path: Path):
+    path = tmp_path / "b1.parquet"
+    landing_frame([good(i) for i in range(4)]).write_parquet(path)
+    batch = validate_batch(path, read_landing_file(path), RULES, DIGITS)
+    landing_frame([{**good(i), "image": png(60 + i)} for i in range(4)]).write_parquet(path)
+    with warehouse.connect(tmp_path / "w.duckdb") as connection:
+        with pytest.raises(LandingFileError, match="b1.parquet: the file changed while it was ingested"):
+            warehouse.replace_batch(connection, batch, fingerprint="test")
+        assert connection.execute("SELECT count(*) FROM raw_images").fetchone()[0] == 0

@@ -35,16 +35,13 @@ from PIL import Image, UnidentifiedImageError
 
 from transforms.classes import class_name_problem
 from transforms.images import IMAGE_SUFFIXES
-from transforms.landing import LandingFileWriter, check_batch_id, landed_files
+from transforms.landing import ROW_GROUP_BYTES, LandingFileWriter, check_batch_id, landed_files
 
 MANIFEST_PATH_COLUMN = "path_or_uri"
 LANDING_SCHEMA = pa.schema([
     ("image_id", pa.large_string()), ("image", pa.large_binary()), ("label", pa.large_string()),
     ("captured_at", pa.timestamp("us", tz="UTC")), ("source", pa.large_string()),
 ])
-# A batch is written in row groups of about this many image bytes: land's memory follows it, not
-# the batch size, and ingestion can read a batch a row group at a time.
-ROW_GROUP_BYTES = 16 * 2**20
 
 Labels = Literal["folders", "manifest", "none"]
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -28,6 +28,9 @@ BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}$"
 REQUIRED_COLUMNS = ("image_id", "image", "label", "captured_at")
 PARQUET_MAGIC = b"PAR1"  # a parquet file starts and ends with it
+# flywheel writes a landing file in row groups of about this many image bytes: what reads one (land,
+# ingestion, predict) holds a row group at a time, whatever the size of the batch.
+ROW_GROUP_BYTES = 16 * 2**20
 
 # Machine-readable quarantine reasons, each with the sentence a person reads.
 REASONS = {
@@ -91,7 +94,8 @@ class ValidationRules:
 @dataclass(frozen=True)
 class ValidatedBatch:
     batch_id: str
-    images: pl.DataFrame  # one row per accepted image, ready for raw_images; `label` is the class index
+    path: Path  # the landing file: `accepted_image_chunks` reads the accepted images' bytes from it
+    images: pl.DataFrame  # one row per accepted image, for raw_images but its bytes; `label` is the class index
     quarantined: pl.DataFrame  # QUARANTINE_SCHEMA
     classes: list[str]  # the project's classes after this batch (indices are positions)
 
@@ -134,7 +138,10 @@ class LandingFileWriter:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table.cast(self.schema))
+        """Append rows, in row groups of about ROW_GROUP_BYTES of images each."""
+        table = table.cast(self.schema)
+        size = table.column("image").nbytes if "image" in table.column_names else table.nbytes
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows * ROW_GROUP_BYTES // max(size, 1)))
         self.rows += table.num_rows
 
     def commit(self) -> Path:
@@ -183,16 +190,39 @@ def read_landing_file(path: Path) -> pl.DataFrame:
             "copied? It is ingested once complete; copy under a name starting with '.' and rename it to avoid this)"
         )
     try:
-        frame = pl.read_parquet(path)
-    except Exception as error:  # polars raises several types for damaged files
+        schema = pq.read_schema(path)
+    except Exception as error:  # pyarrow raises several types for damaged files
         raise LandingFileError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in schema.names]
     if missing:
         raise LandingFileError(
             f"{path}: missing required column(s) {', '.join(missing)}; "
             f"a landing file needs {', '.join(REQUIRED_COLUMNS)}"
         )
+    image_type = schema.field("image").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type) or pa.types.is_null(image_type)
+            or image_type == pa.binary_view()):
+        raise LandingFileError(f"{path}: wrong column type(s): image is {image_type}, expected binary")
+    try:
+        frame = pl.read_parquet(path, columns=[name for name in schema.names if name != "image"])
+    except Exception as error:  # polars raises several types for damaged files
+        raise LandingFileError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
     return _conform_types(path, frame)
+
+
+def image_chunks(path: Path, rows: int = 256) -> Iterator[list[bytes | None]]:
+    """The `image` column of a landing file in row order, `rows` at a time: memory holds one chunk
+    (and the row group it comes from: flywheel writes row groups of ROW_GROUP_BYTES)."""
+    try:
+        parquet = pq.ParquetFile(path)
+        # Row group by row group: `iter_batches` reads ahead across row groups, holding several.
+        for group in range(parquet.num_row_groups):
+            column = parquet.read_row_group(group, columns=["image"], use_threads=False).column(0)
+            for start in range(0, len(column), rows):
+                yield column.slice(start, rows).to_pylist()
+            del column
+    except (pa.ArrowException, OSError) as error:
+        raise LandingFileError(f"{path}: the image column cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _conform_types(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
@@ -203,10 +233,6 @@ def _conform_types(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
         casts.append(pl.col("image_id").cast(pl.Utf8))
     else:
         problems.append(f"image_id is {schema['image_id']}, expected a string")
-    if schema["image"] in (pl.Binary, pl.Null):
-        casts.append(pl.col("image").cast(pl.Binary))
-    else:
-        problems.append(f"image is {schema['image']}, expected binary")
     if schema["label"].is_integer() or schema["label"] in (pl.Utf8, pl.Null) or isinstance(schema["label"], pl.Categorical):
         casts.append(pl.col("label").cast(pl.Utf8))
     else:
@@ -249,13 +275,10 @@ def validate_batch(
     extra_columns = [column for column in frame.columns if column not in REQUIRED_COLUMNS]
     rows = frame.with_row_index("row_number", offset=1).with_columns(
         pl.col("row_number").cast(pl.Int64),
-        pl.col("image").map_elements(_sha256, return_dtype=pl.Utf8).alias("content_hash"),
         pl.col("label").alias("label_as_landed"),
         label_index(pl.col("label"), classes).alias("label"),
     )
-    ids_in_other_batches, hashes_in_other_batches = existing(
-        rows["image_id"].drop_nulls().to_list(), rows["content_hash"].drop_nulls().to_list()
-    )
+    ids_in_other_batches, _ = existing(rows["image_id"].drop_nulls().to_list(), [])
     image_id = pl.col("image_id")
     reason = (
         pl.when(image_id.is_null() | (image_id.str.strip_chars() == ""))
@@ -270,8 +293,6 @@ def validate_batch(
         .then(pl.lit("unknown_class"))
         .when(pl.col("captured_at").is_null())
         .then(pl.lit("missing_captured_at"))
-        .when(pl.col("image").is_null() | (pl.col("image").bin.size() == 0))
-        .then(pl.lit("missing_image"))
         .otherwise(pl.lit(None, dtype=pl.Utf8))
     )
     rows = rows.with_columns(reason.alias("reason"))
@@ -283,36 +304,55 @@ def validate_batch(
         .alias("detail")
     )
 
-    # Decode only what passed the cheap checks.
-    candidates = rows.filter(pl.col("reason").is_null())
+    # One pass over the image bytes, a chunk at a time: what passed the cheap checks is hashed and
+    # decoded; only the decode facts and statistics are kept.
+    to_decode = set(rows.filter(pl.col("reason").is_null())["row_number"].to_list())
     decoded: dict[int, DecodedImage] = {}  # without their pixels, which only the statistics need
+    content_hashes: dict[int, str] = {}
     statistics = StatisticsCollector()
-    decode_failures: dict[int, ImageRejected] = {}
-    for row_number, data in zip(candidates["row_number"], candidates["image"]):
-        try:
-            image = decode_image(data, rules.max_pixels, fit_pixels=STATISTICS_PIXELS)
-        except ImageRejected as rejected:
-            decode_failures[row_number] = rejected
-            continue
-        statistics.add(row_number, image.pixels)
-        decoded[row_number] = replace(image, pixels=None)
-    if decode_failures:
+    rejected: dict[int, tuple[str, str | None]] = {}  # row -> (reason, message; None: the reason's sentence)
+    row_number = 0
+    for chunk in image_chunks(path):
+        for data in chunk:
+            row_number += 1
+            if row_number not in to_decode:
+                continue
+            if not data:
+                rejected[row_number] = ("missing_image", None)
+                continue
+            try:
+                image = decode_image(data, rules.max_pixels, fit_pixels=STATISTICS_PIXELS)
+            except ImageRejected as failure:
+                rejected[row_number] = (failure.reason, failure.message)
+                continue
+            content_hashes[row_number] = _sha256(data)
+            statistics.add(row_number, image.pixels)
+            decoded[row_number] = replace(image, pixels=None)
+    if row_number != rows.height:
+        raise LandingFileError(f"{path}: {rows.height} rows but {row_number} images; the file changed while it was read")
+    if rejected:
         failures = pl.DataFrame(
             {
-                "row_number": list(decode_failures),
-                "decode_reason": [f.reason for f in decode_failures.values()],
-                "decode_detail": [f.message for f in decode_failures.values()],
+                "row_number": list(rejected),
+                "decode_reason": [reason for reason, _ in rejected.values()],
+                "decode_detail": [detail for _, detail in rejected.values()],
             },
             schema={"row_number": pl.Int64, "decode_reason": pl.Utf8, "decode_detail": pl.Utf8},
         )
         rows = (
-            rows.join(failures, on="row_number", how="left")
+            rows.join(failures, on="row_number", how="left", maintain_order="left")
             .with_columns(
                 pl.coalesce("reason", "decode_reason").alias("reason"),
                 pl.coalesce("detail", "decode_detail").alias("detail"),
             )
             .drop("decode_reason", "decode_detail")
         )
+    hashes = pl.DataFrame(
+        {"row_number": list(content_hashes), "content_hash": list(content_hashes.values())},
+        schema={"row_number": pl.Int64, "content_hash": pl.Utf8},
+    )
+    rows = rows.join(hashes, on="row_number", how="left", maintain_order="left")
+    _, hashes_in_other_batches = existing([], list(content_hashes.values()))
 
     # Same bytes under two ids: the first accepted occurrence wins.
     ok = pl.col("reason").is_null()
@@ -337,13 +377,30 @@ def validate_batch(
             pl.coalesce("detail", pl.col("reason").replace_strict(REASONS, default=pl.col("reason"))),
         ).alias("message"),
     )
-    accepted = rows.filter(pl.col("reason").is_null())
+    accepted = rows.filter(pl.col("reason").is_null()).sort("row_number")
     return ValidatedBatch(
         batch_id=batch_id,
+        path=path,
         images=_accepted_images(batch_id, accepted, decoded, statistics.values(), extra_columns),
         quarantined=quarantined.cast(QUARANTINE_SCHEMA),
         classes=classes,
     )
+
+
+def accepted_image_chunks(batch: ValidatedBatch, rows: int = 256) -> Iterator[pl.DataFrame]:
+    """The accepted images with their bytes (the `image` column), read again from the landing file a
+    chunk at a time. Bytes that no longer match the validated content hash (the file was replaced
+    meanwhile) raise LandingFileError: nothing unvalidated is stored."""
+    row_numbers = batch.images["row_number"].to_numpy()
+    first = 0  # row numbers start at 1
+    for chunk in image_chunks(batch.path, rows):
+        low, high = np.searchsorted(row_numbers, [first + 1, first + len(chunk) + 1])
+        part = batch.images.slice(low, high - low)
+        data = [chunk[row - first - 1] for row in part["row_number"]]
+        if [_sha256(image) for image in data] != part["content_hash"].to_list():
+            raise LandingFileError(f"{batch.path}: the file changed while it was ingested; ingest it again")
+        first += len(chunk)
+        yield part.with_columns(pl.Series("image", data, dtype=pl.Binary))
 
 
 def ingestion_fingerprint(file_sha256: str | None, rules: ValidationRules) -> str:
@@ -381,7 +438,6 @@ def _accepted_images(
         "row_number",
         "label",
         "captured_at",
-        "image",
         "content_hash",
         pl.Series("format", [image.format for image in images], dtype=pl.Utf8),
         pl.Series("mode", [image.mode for image in images], dtype=pl.Utf8),

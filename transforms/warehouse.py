@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, Preprocessing, StatisticsCollector, decode_image
 from transforms.labels import LabelSet
-from transforms.landing import ValidatedBatch
+from transforms.landing import ValidatedBatch, accepted_image_chunks
 
 _STAT_DDL = ",\n    ".join(f"{name} DOUBLE NOT NULL" for name in STAT_COLUMNS)
 SCHEMA_DDL = f"""
@@ -236,8 +236,7 @@ def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, 
     """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there.
     `fingerprint` (the file's content and the validation rules) is stored with them, and classes the
     batch added are stored with their indices."""
-    images = batch.images.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
-    quarantined = batch.quarantined.to_arrow()  # noqa: F841
+    quarantined = batch.quarantined.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
     with transaction(connection):
         _store_classes(connection, batch.classes)
         connection.execute("DELETE FROM ingested_files WHERE batch_id = $batch", {"batch": batch.batch_id})
@@ -251,7 +250,10 @@ def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, 
         ).fetchone()[0]
         connection.execute("DELETE FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id})
         connection.execute("DELETE FROM quarantined_images WHERE batch_id = $batch", {"batch": batch.batch_id})
-        connection.execute("INSERT INTO raw_images BY NAME SELECT *, now() AS ingested_at FROM images")
+        # The bytes come from the landing file a chunk at a time: memory does not grow with the batch.
+        for chunk in accepted_image_chunks(batch):
+            images = chunk.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
+            connection.execute("INSERT INTO raw_images BY NAME SELECT *, now() AS ingested_at FROM images")
         connection.execute("INSERT INTO quarantined_images BY NAME SELECT *, now() AS quarantined_at FROM quarantined")
     return LoadCounts(batch.images.height, batch.quarantined.height, replaced)
 
@@ -336,37 +338,39 @@ def split_to_disk(
     connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing, pixels_path: Path,
     rows_per_fetch: int = 256,
 ) -> Records:
-    """One whole split of `training_examples` (see `_records_to_disk`)."""
-    return _records_to_disk(connection, SPLIT_INDEX, SPLIT_IMAGES, split, preprocessing, pixels_path, rows_per_fetch)
+    """One whole split of `training_examples` (see `_decode_to_disk`)."""
+    index = connection.execute(SPLIT_INDEX, {"key": split}).pl()
+    images = connection.execute(SPLIT_IMAGES, {"key": split}).fetch_record_batch(rows_per_fetch)
+    return _decode_to_disk(index, images, preprocessing, pixels_path, f"split {split}")
 
 
 def batch_to_disk(
     connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing, pixels_path: Path,
     rows_per_fetch: int = 256,
 ) -> Records:
-    """Every accepted image of one batch, labeled or not (see `_records_to_disk`)."""
-    return _records_to_disk(connection, BATCH_INDEX, BATCH_IMAGES, batch_id, preprocessing, pixels_path, rows_per_fetch)
+    """Every accepted image of one batch, labeled or not (see `_decode_to_disk`)."""
+    index = connection.execute(BATCH_INDEX, {"key": batch_id}).pl()
+    images = connection.execute(BATCH_IMAGES, {"key": batch_id}).fetch_record_batch(rows_per_fetch)
+    return _decode_to_disk(index, images, preprocessing, pixels_path, f"batch {batch_id}")
 
 
-def _records_to_disk(
-    connection: duckdb.DuckDBPyConnection, index_sql: str, images_sql: str, key: str, preprocessing: Preprocessing,
-    pixels_path: Path, rows_per_fetch: int,
+def _decode_to_disk(
+    index: pl.DataFrame, images: pa.RecordBatchReader, preprocessing: Preprocessing, pixels_path: Path, what: str,
 ) -> Records:
-    """Images by image_id, decoded and resized into a uint8 `[N, R, R, 3]` array memory-mapped from
-    `pixels_path` (a .npy file the caller deletes): the image bytes are streamed a few hundred rows at
-    a time, so memory stays bounded however many images there are; the pages live in the file, which
-    the OS may evict."""
-    index = connection.execute(index_sql, {"key": key}).pl()
+    """The images the `images` reader streams (in `index` order), decoded and resized into a uint8
+    `[N, R, R, 3]` array memory-mapped from `pixels_path` (a .npy file the caller deletes): a few
+    hundred rows of bytes are held at a time, so memory stays bounded however many images there
+    are; the pages live in the file, which the OS may evict."""
     side = preprocessing.resolution
     pixels_path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=(index.height, side, side, 3))
     position = 0
-    for batch in connection.execute(images_sql, {"key": key}).fetch_record_batch(rows_per_fetch):
+    for batch in images:
         for data in batch.column("image").to_pylist():
             pixels[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
             position += 1
     if position != index.height:
-        raise RuntimeError(f"{key}: {index.height} images listed but {position} read; the warehouse changed meanwhile")
+        raise RuntimeError(f"{what}: {index.height} images listed but {position} read; the warehouse changed meanwhile")
     pixels.flush()
     return Records(pixels, index)
 

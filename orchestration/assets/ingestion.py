@@ -91,7 +91,7 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
             "classes": len(batch.classes),
             "replaced_rows": counts.replaced_images,
             "dagster/row_count": counts.images,
-            "preview": markdown_table(batch.images.drop("image", "metadata").head(5)),
+            "preview": markdown_table(batch.images.drop("metadata").head(5)),
         },
     )
     yield dg.MaterializeResult(
