@@ -132,7 +132,7 @@ def ingestion_peak_mib(count: int) -> float:
         )
         if completed.returncode:
             raise SystemExit(f"ingestion failed: {completed.stderr.strip().splitlines()[-1]}")
-        accepted, peak_kib = completed.stdout.split()
+        accepted, peak_kib = completed.stdout.strip().splitlines()[-1].split()  # after any progress bar DuckDB drew
         assert int(accepted) == count, (accepted, count)
         return int(peak_kib) / 1024
 

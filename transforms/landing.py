@@ -210,16 +210,17 @@ def read_landing_file(path: Path) -> pl.DataFrame:
     return _conform_types(path, frame)
 
 
-def image_chunks(path: Path, rows: int = 256) -> Iterator[list[bytes | None]]:
-    """The `image` column of a landing file in row order, `rows` at a time: memory holds one chunk
-    (and the row group it comes from: flywheel writes row groups of ROW_GROUP_BYTES)."""
+def image_chunks(path: Path, rows: int | None = None) -> Iterator[list[bytes | None]]:
+    """The `image` column of a landing file in row order, a row group (or `rows` of it) at a time:
+    memory holds one row group (flywheel writes row groups of ROW_GROUP_BYTES)."""
     try:
         parquet = pq.ParquetFile(path)
         # Row group by row group: `iter_batches` reads ahead across row groups, holding several.
         for group in range(parquet.num_row_groups):
             column = parquet.read_row_group(group, columns=["image"], use_threads=False).column(0)
-            for start in range(0, len(column), rows):
-                yield column.slice(start, rows).to_pylist()
+            step = rows or max(len(column), 1)
+            for start in range(0, len(column), step):
+                yield column.slice(start, step).to_pylist()
             del column
     except (pa.ArrowException, OSError) as error:
         raise LandingFileError(f"{path}: the image column cannot be read ({type(error).__name__}: {error})") from None
@@ -387,9 +388,9 @@ def validate_batch(
     )
 
 
-def accepted_image_chunks(batch: ValidatedBatch, rows: int = 256) -> Iterator[pl.DataFrame]:
+def accepted_image_chunks(batch: ValidatedBatch, rows: int | None = None) -> Iterator[pl.DataFrame]:
     """The accepted images with their bytes (the `image` column), read again from the landing file a
-    chunk at a time. Bytes that no longer match the validated content hash (the file was replaced
+    row group (or `rows`) at a time. Bytes that no longer match the validated content hash (the file was replaced
     meanwhile) raise LandingFileError: nothing unvalidated is stored."""
     row_numbers = batch.images["row_number"].to_numpy()
     first = 0  # row numbers start at 1
