@@ -56,7 +56,8 @@ def publish_champion(home: Path, rgb: np.ndarray, labels: np.ndarray, epochs: in
     passed, reasons = export_gate(report, ExportConfig().policy())
     policy = GateConfig().policy()
     evaluation = evaluate_models(test, lambda images: predict_torch(network, images), None, model.num_classes, policy, "fp32")
-    served = evaluate_models(test, lambda images: predict_onnx(onnx_session(Path(report.int8_path)), images), None, model.num_classes, policy, "int8")
+    served_session = onnx_session(Path(report.int8_path))
+    served = evaluate_models(test, lambda images: predict_onnx(served_session, images), None, model.num_classes, policy, "int8")
     (staging / WEIGHTS_FILE).write_bytes(Path(result.weights_path).read_bytes())
     card = build_card(
         model, list(DIGITS_CLASSES), "squash", "grayscale", evaluation.candidate, result.val_accuracy, report,
