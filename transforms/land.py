@@ -237,6 +237,12 @@ def land(
         rows.clear()
         row_bytes = 0
 
+    def commit() -> None:
+        nonlocal writer
+        report.written.append(writer.commit())
+        report.landed += writer.rows
+        writer = None
+
     try:
         for item in source.items:
             progress(1)
@@ -258,15 +264,11 @@ def land(
             if row_bytes >= ROW_GROUP_BYTES or writer.rows + len(rows) == batch_size:
                 flush()
             if writer.rows == batch_size:
-                report.written.append(writer.commit())
-                report.landed += writer.rows
-                writer = None
+                commit()
         if writer is not None:
             if rows:
                 flush()
-            report.written.append(writer.commit())
-            report.landed += writer.rows
-            writer = None
+            commit()
     finally:
         if writer is not None:
             writer.abort()
