@@ -5,7 +5,9 @@ Measures, side by side in one run:
   2. ingestion throughput (read, validate, decode, statistics, load) against the bare cost of
      decoding the same images with PIL (target >= 0.5x);
   3. the peak resident memory of ingesting one landing file of RGB photos (written by `flywheel
-     land`) in a fresh process, at two sizes (target: flat; the image bytes are streamed).
+     land`) in a fresh process, at two sizes (target: flat; the image bytes are streamed), and the
+     warehouse file's bytes per image after dbt built its models (target <= 1 KB; the bytes live
+     in the image store).
 Prints a table, then one JSON line with the figures.
 
     .venv/bin/python bench/ingest.py [--batch-size 360] [--repeats 3] [--memory-sizes 1000 10000]
@@ -115,8 +117,9 @@ print(batch.images.height, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def ingestion_peak_mib(count: int) -> float:
-    """Peak resident MiB of ingesting one landing file of `count` 256 px JPEG photos, in a fresh process."""
+def ingestion_peak(count: int) -> tuple[float, float]:
+    """(peak resident MiB, warehouse bytes per image) of ingesting one landing file of `count` 256 px
+    JPEG photos, in a fresh process."""
     from land import make_folder  # bench/land.py: the same generated photos
 
     from transforms.land import land as land_folder
@@ -134,7 +137,8 @@ def ingestion_peak_mib(count: int) -> float:
             raise SystemExit(f"ingestion failed: {completed.stderr.strip().splitlines()[-1]}")
         accepted, peak_kib = completed.stdout.strip().splitlines()[-1].split()  # after any progress bar DuckDB drew
         assert int(accepted) == count, (accepted, count)
-        return int(peak_kib) / 1024
+        dbt_build(Path(folder))  # the warehouse as a tick leaves it: raw tables and dbt's models
+        return int(peak_kib) / 1024, (Path(folder) / "warehouse.duckdb").stat().st_size / count
 
 
 def main() -> None:
@@ -149,7 +153,9 @@ def main() -> None:
     twenty = new_batch_cost(20, args.batch_size, args.repeats)
     ingest_rate, decode_rate = throughput(args.throughput_images)
     small, large = args.memory_sizes
-    peaks = {size: ingestion_peak_mib(size) for size in (small, large)}
+    measured = {size: ingestion_peak(size) for size in (small, large)}
+    peaks = {size: peak for size, (peak, _) in measured.items()}
+    bytes_per_image = {size: per_image for size, (_, per_image) in measured.items()}
     figures = {
         "new_batch_seconds_history_1": round(one, 3),
         "new_batch_seconds_history_20": round(twenty, 3),
@@ -163,6 +169,8 @@ def main() -> None:
         "throughput_images": args.throughput_images,
         "ingest_peak_mib": {str(size): round(peak, 1) for size, peak in peaks.items()},
         "ingest_peak_growth_ratio": round(peaks[large] / peaks[small], 3),
+        "warehouse_bytes_per_image": {str(size): round(value) for size, value in bytes_per_image.items()},
+        "warehouse_bytes_per_image_target_max": 1024,
     }
     rows = [
         ("new batch, 1 batch of history", f"{one:.2f} s", ""),
@@ -174,6 +182,8 @@ def main() -> None:
         (f"peak memory, {small:,} photos", f"{peaks[small]:.0f} MiB", ""),
         (f"peak memory, {large:,} photos", f"{peaks[large]:.0f} MiB", ""),
         ("ratio", f"{peaks[large] / peaks[small]:.2f}x", "flat"),
+        (f"warehouse bytes/image, {small:,} photos", f"{bytes_per_image[small]:,.0f} B", "<= 1 KB"),
+        (f"warehouse bytes/image, {large:,} photos", f"{bytes_per_image[large]:,.0f} B", "<= 1 KB"),
     ]
     print(f"\n{'measure':<36}{'value':>16}  target")
     for name, value, target in rows:

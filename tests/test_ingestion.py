@@ -244,6 +244,43 @@ def test_a_warehouse_of_an_earlier_flywheel_gains_the_new_statistics_from_its_st
     assert query(home, "SELECT image_id, label, split FROM training_examples ORDER BY image_id") == labeled
 
 
+def test_a_warehouse_that_kept_the_image_bytes_moves_them_to_the_image_store(home: Path):
+    """An earlier flywheel kept each image's bytes in `raw_images.image`: the first writer moves them to
+    packs in the image store and drops the column; every image decodes exactly as before."""
+    from transforms import warehouse
+    from transforms.images import Preprocessing
+
+    resources, instance = resources_for(home), dg.DagsterInstance.ephemeral()
+    simulate_batches(home / "landing", SimulationSpec(batches=2, batch_size=30, prefix="kept"))
+    for batch in ("kept-000", "kept-001"):
+        assert ingest(batch, resources, instance).success
+    assert dg.materialize(assets("raw_labels", "stg_images"), resources=resources, instance=instance).success
+    preprocessing = Preprocessing(16, "squash", "rgb")
+    with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
+        before = warehouse.split_records(connection, "train", preprocessing)
+        locations = connection.execute("SELECT image_id, image_pack, image_row, content_hash FROM raw_images").pl()
+        kept_bytes = pl.DataFrame(  # noqa: F841 - read by DuckDB's replacement scan
+            {"image_id": locations["image_id"], "image": list(warehouse.image_store(connection).read(locations))}
+        )
+    with duckdb.connect(str(home / "warehouse.duckdb")) as connection:
+        connection.execute("ALTER TABLE raw_images ADD COLUMN image BLOB")
+        connection.execute("UPDATE raw_images SET image = k.image FROM kept_bytes AS k WHERE raw_images.image_id = k.image_id")
+        connection.execute("ALTER TABLE raw_images DROP COLUMN image_pack")
+        connection.execute("ALTER TABLE raw_images DROP COLUMN image_row")
+    for path in sorted((home / "images").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+
+    assert dg.materialize(assets("raw_labels", "stg_images"), resources=resources, instance=instance).success
+    columns = {row[0]: row[2] for row in query(home, "DESCRIBE raw_images")}
+    assert "image" not in columns and columns["image_pack"] == columns["content_hash"] == "NO"  # NOT NULL kept
+    assert sorted(path.parent.name for path in (home / "images").rglob("*.parquet")) == ["kept-000", "kept-001"]
+    with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
+        after = warehouse.split_records(connection, "train", preprocessing)
+    assert after.index.sort("image_id").equals(before.index.sort("image_id")) and before.index.height > 20
+    order_before, order_after = before.index["image_id"].arg_sort(), after.index["image_id"].arg_sort()
+    assert np.array_equal(after.images[order_after.to_numpy()], before.images[order_before.to_numpy()])
+
+
 def test_a_split_streamed_to_disk_holds_exactly_the_images_of_the_split(home: Path):
     from transforms import warehouse
     from transforms.images import Preprocessing
@@ -256,7 +293,7 @@ def test_a_split_streamed_to_disk_holds_exactly_the_images_of_the_split(home: Pa
     with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
         for split in ("train", "test"):
             in_memory = warehouse.split_records(connection, split, preprocessing)
-            streamed = warehouse.split_to_disk(connection, split, preprocessing, home / f"{split}.npy", rows_per_fetch=7)
+            streamed = warehouse.split_to_disk(connection, split, preprocessing, home / f"{split}.npy")
             assert isinstance(streamed.images, np.memmap) and streamed.images.shape == (in_memory.index.height, 24, 24, 3)
             assert np.array_equal(streamed.images, in_memory.images) and streamed.index.equals(in_memory.index)
             assert in_memory.index.height > 10

@@ -178,11 +178,15 @@ def test_a_batch_in_many_row_groups_is_validated_and_stored_as_in_one(tmp_path: 
         assert streamed["image_id"].to_list() == batch.images["image_id"].to_list()
         with warehouse.connect(tmp_path / f"{name}.duckdb") as connection:
             warehouse.replace_batch(connection, batch, fingerprint="test")
+            locations = connection.execute(
+                "SELECT image_pack, image_row, content_hash FROM raw_images ORDER BY row_number"
+            ).pl()
+            stored_bytes = list(warehouse.image_store(connection).read(locations))
             stored[name] = (
-                connection.execute("SELECT image_id, row_number, image, content_hash, width, brightness FROM raw_images ORDER BY row_number").fetchall(),
+                connection.execute("SELECT image_id, row_number, image_row, content_hash, width, brightness FROM raw_images ORDER BY row_number").fetchall(),
                 connection.execute("SELECT image_id, row_number, reason FROM quarantined_images ORDER BY row_number").fetchall(),
             )
-        assert streamed["image"].to_list() == [row[2] for row in stored[name][0]]
+        assert streamed["image"].to_list() == stored_bytes
     assert pq.ParquetFile(tmp_path / "many" / "b1.parquet").metadata.num_row_groups == 6
     assert stored["one"] == stored["many"]
     images, quarantined = stored["many"]

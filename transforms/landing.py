@@ -123,25 +123,26 @@ def declared_classes(path: Path) -> list[str]:
     return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
 
 
-class LandingFileWriter:
-    """A landing batch written row group by row group as its rows arrive, the way the landing sensor
-    expects: under a hidden name, fsynced, then renamed into place complete by `commit`. Memory holds
-    one row group, whatever the size of the batch; a writer left without `commit` removes its partial
-    file, so a failure leaves no half batch behind."""
+class ParquetFileWriter:
+    """A parquet file written row group by row group as its rows arrive: under a hidden name, fsynced,
+    then renamed into place complete by `commit`, so a reader sees the whole file or none. Memory holds
+    one row group (about `row_group_bytes` of images), whatever the size of the file; a writer left
+    without `commit` removes its partial file, so a failure leaves nothing half written behind."""
 
-    def __init__(self, landing: Path, batch_id: str, schema: pa.Schema, classes: list[str] | None = None):
-        landing.mkdir(parents=True, exist_ok=True)
-        self.path = landing / f"{check_batch_id(batch_id)}.parquet"
-        self._partial = landing / f".{batch_id}.parquet.partial"
-        self.schema = schema.with_metadata({**(schema.metadata or {}), **declare_classes(classes or [])})
+    def __init__(self, path: Path, schema: pa.Schema, row_group_bytes: int = ROW_GROUP_BYTES):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._partial = path.with_name(f".{path.name}.partial")
+        self.schema = schema
+        self._row_group_bytes = row_group_bytes
         self._writer = pq.ParquetWriter(self._partial, self.schema)
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        """Append rows, in row groups of about ROW_GROUP_BYTES of images each."""
+        """Append rows, in row groups of about `row_group_bytes` of images each."""
         table = table.cast(self.schema)
         size = table.column("image").nbytes if "image" in table.column_names else table.nbytes
-        self._writer.write_table(table, row_group_size=max(1, table.num_rows * ROW_GROUP_BYTES // max(size, 1)))
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows * self._row_group_bytes // max(size, 1)))
         self.rows += table.num_rows
 
     def commit(self) -> Path:
@@ -155,12 +156,21 @@ class LandingFileWriter:
         self._writer.close()
         self._partial.unlink(missing_ok=True)
 
-    def __enter__(self) -> LandingFileWriter:
+    def __enter__(self) -> ParquetFileWriter:
         return self
 
     def __exit__(self, error_type, *_) -> None:
         if error_type is not None:
             self.abort()
+
+
+class LandingFileWriter(ParquetFileWriter):
+    """A landing batch `landing/<batch_id>.parquet`, written the way the landing sensor expects: it
+    sees the file only once complete (see ParquetFileWriter)."""
+
+    def __init__(self, landing: Path, batch_id: str, schema: pa.Schema, classes: list[str] | None = None):
+        path = landing / f"{check_batch_id(batch_id)}.parquet"
+        super().__init__(path, schema.with_metadata({**(schema.metadata or {}), **declare_classes(classes or [])}))
 
 
 def write_landing_file(landing: Path, batch_id: str, frame: pl.DataFrame, classes: list[str] | None = None) -> Path:

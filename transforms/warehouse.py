@@ -1,7 +1,9 @@
 """The DuckDB warehouse: raw tables written by ingestion, and the reads later stages make.
 
 dbt owns every table but `raw_images`, `quarantined_images`, `raw_labels`, `ingested_files` and `classes`. DuckDB allows one
-writing process at a time, which the orchestrator guarantees with a concurrency pool of 1.
+writing process at a time, which the orchestrator guarantees with a concurrency pool of 1. The image
+bytes live in the image store beside the warehouse file (`transforms.image_store`); `raw_images`
+holds where each image is (`image_pack`, `image_row`) and its content hash.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from transforms.image_store import ImageStore
 from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, Preprocessing, StatisticsCollector, decode_image
 from transforms.labels import LabelSet
 from transforms.landing import ValidatedBatch, accepted_image_chunks
@@ -29,7 +32,8 @@ CREATE TABLE IF NOT EXISTS raw_images (
     row_number BIGINT NOT NULL,
     label BIGINT,
     captured_at TIMESTAMPTZ NOT NULL,
-    image BLOB NOT NULL,
+    image_pack VARCHAR NOT NULL,
+    image_row BIGINT NOT NULL,
     content_hash VARCHAR NOT NULL,
     format VARCHAR NOT NULL,
     mode VARCHAR NOT NULL,
@@ -108,10 +112,17 @@ def connect(
     try:
         if not read_only:
             connection.execute(SCHEMA_DDL)
+            move_image_bytes_to_store(connection)
             add_missing_statistics(connection)
         yield connection
     finally:
         connection.close()
+
+
+def image_store(connection: duckdb.DuckDBPyConnection) -> ImageStore:
+    """The store of the warehouse's image bytes: `images/` beside the warehouse file."""
+    path = connection.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    return ImageStore(Path(path).parent / "images")
 
 
 def stored_pixels(data: bytes, fit_pixels: int) -> np.ndarray:
@@ -124,6 +135,65 @@ def prepare(path: Path) -> None:
     """Create the raw tables, or bring an earlier flywheel's up to date, before dbt reads them."""
     with connect(path):
         pass
+
+
+def _raw_image_columns(connection: duckdb.DuckDBPyConnection) -> set[str]:
+    return {row[0] for row in connection.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'raw_images'"
+    ).fetchall()}
+
+
+# Pointing the rows of an earlier flywheel's warehouse at the packs their bytes moved to
+# (`move_image_bytes_to_store`): a pack holds its batch's rows in row_number order.
+# DuckDB refuses ALTER TABLE after an UPDATE of the same table in one transaction: the table is rebuilt.
+ADD_IMAGE_LOCATION = """
+CREATE TABLE raw_images_located AS
+SELECT r.* EXCLUDE (image), m.image_pack,
+    row_number() OVER (PARTITION BY r.batch_id ORDER BY r.row_number) - 1 AS image_row
+FROM raw_images AS r JOIN moved_packs AS m USING (batch_id);
+DROP TABLE raw_images;
+ALTER TABLE raw_images_located RENAME TO raw_images;
+"""
+# The rebuilt table's constraints, added once nothing is outstanding (after the commit). Statistics
+# columns stay as they were: those `add_missing_statistics` adds are nullable until backfilled.
+REQUIRED_RAW_IMAGE_COLUMNS = (
+    "batch_id", "image_id", "row_number", "captured_at", "image_pack", "image_row", "content_hash",
+    "format", "mode", "width", "height", "ingested_at",
+)
+REQUIRE_RAW_IMAGE_COLUMNS = ";\n".join(
+    f"ALTER TABLE raw_images ALTER COLUMN {name} SET NOT NULL" for name in REQUIRED_RAW_IMAGE_COLUMNS
+)
+
+
+def move_image_bytes_to_store(connection: duckdb.DuckDBPyConnection, rows_per_fetch: int = 256) -> int:
+    """An earlier flywheel kept the image bytes in `raw_images.image`: write them to the image store,
+    one pack per batch (streamed, a few hundred rows at a time), then, in one transaction, rebuild
+    `raw_images` pointing at them, without the column. Nothing stored is lost: the bytes are in the packs before the column
+    goes. Returns the number of images moved (none on an up-to-date warehouse)."""
+    if "image" not in _raw_image_columns(connection):
+        return 0
+    store = image_store(connection)
+    batches = connection.execute(
+        "SELECT DISTINCT r.batch_id, coalesce(f.fingerprint, 'moved') FROM raw_images AS r "
+        "LEFT JOIN ingested_files AS f USING (batch_id) ORDER BY r.batch_id"
+    ).fetchall()
+    packs = {}
+    for batch_id, fingerprint in batches:
+        images = connection.execute(
+            "SELECT image_id, content_hash, image FROM raw_images WHERE batch_id = $batch ORDER BY row_number",
+            {"batch": batch_id},
+        ).fetch_record_batch(rows_per_fetch)
+        packs[batch_id] = store.write_pack(batch_id, fingerprint, (pl.from_arrow(chunk) for chunk in images))
+    pack_of_batch = pa.table({"batch_id": list(packs), "image_pack": list(packs.values())})  # noqa: F841 - replacement scan
+    with transaction(connection):
+        connection.execute("CREATE TEMP TABLE moved_packs AS SELECT * FROM pack_of_batch")
+        connection.execute(ADD_IMAGE_LOCATION)
+        connection.execute("DROP TABLE moved_packs")
+        moved = connection.execute("SELECT count(*) FROM raw_images").fetchone()[0]
+    connection.execute(REQUIRE_RAW_IMAGE_COLUMNS)
+    # The bytes' pages become free for reuse within the file once checkpointed.
+    connection.execute("CHECKPOINT")
+    return moved
 
 
 # Bringing a warehouse of an earlier flywheel up to today's statistics (`add_missing_statistics`).
@@ -145,23 +215,22 @@ def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int
     missing columns, compute them from the stored image bytes (a page of rows at a time, in one
     transaction), and drop dbt's incremental models so the next dbt build recomputes them with the
     new columns. Returns the columns added (none on an up-to-date warehouse)."""
-    present = {row[0] for row in connection.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'raw_images'"
-    ).fetchall()}
+    present = _raw_image_columns(connection)
     missing = [name for name in STAT_COLUMNS if name not in present]
     if not missing:
         return []
     with transaction(connection):
         connection.execute(ADD_STATISTIC_COLUMNS)
         connection.execute(CREATE_BACKFILL)
-        last = ("", "")
-        while page := connection.execute(
-            "SELECT batch_id, image_id, image FROM raw_images WHERE (batch_id, image_id) > ($batch, $image) "
-            "ORDER BY batch_id, image_id LIMIT $rows",
-            {"batch": last[0], "image": last[1], "rows": page_rows},
-        ).fetchall():
+        store = image_store(connection)
+        last = ("", -1)
+        while not (page := connection.execute(
+            "SELECT batch_id, image_id, image_pack, image_row, content_hash FROM raw_images "
+            "WHERE (image_pack, image_row) > ($pack, $row) ORDER BY image_pack, image_row LIMIT $rows",
+            {"pack": last[0], "row": last[1], "rows": page_rows},
+        ).pl()).is_empty():
             statistics = StatisticsCollector()
-            for batch_id, image_id, data in page:
+            for batch_id, image_id, data in zip(page["batch_id"], page["image_id"], store.read(page)):
                 statistics.add((batch_id, image_id), stored_pixels(data, STATISTICS_PIXELS))
             values = statistics.values()
             page_statistics = pa.table({  # noqa: F841 - read by DuckDB's replacement scan
@@ -169,7 +238,7 @@ def add_missing_statistics(connection: duckdb.DuckDBPyConnection, page_rows: int
                 **{name: [float(row[i]) for row in values.values()] for i, name in enumerate(STAT_COLUMNS)},
             })
             connection.execute("INSERT INTO backfilled BY NAME SELECT * FROM page_statistics")
-            last = page[-1][:2]
+            last = (page["image_pack"][-1], page["image_row"][-1])
         connection.execute(APPLY_BACKFILL)
         connection.execute("DROP TABLE backfilled")
         connection.execute(DROP_INCREMENTAL_MODELS)
@@ -235,8 +304,32 @@ def _store_classes(connection: duckdb.DuckDBPyConnection, classes: list[str]) ->
 def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, fingerprint: str) -> LoadCounts:
     """Replace every row of `batch.batch_id` in one transaction: never duplicated, never half there.
     `fingerprint` (the file's content and the validation rules) is stored with them, and classes the
-    batch added are stored with their indices."""
-    quarantined = batch.quarantined.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
+    batch added are stored with their indices. The accepted images' bytes go to a new pack of the
+    image store first (a row group at a time: memory does not grow with the batch); the batch's
+    earlier packs are removed once the warehouse no longer points at them."""
+    store = image_store(connection)
+    pack = store.write_pack(batch.batch_id, fingerprint, accepted_image_chunks(batch)) if batch.images.height else None
+    images = batch.images.with_columns(
+        pl.lit(pack, pl.Utf8).alias("image_pack"), pl.int_range(batch.images.height, dtype=pl.Int64).alias("image_row")
+    ).to_arrow()
+    quarantined = batch.quarantined.to_arrow()
+    stored_pack = connection.execute(
+        "SELECT any_value(image_pack) FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id}
+    ).fetchone()[0]
+    try:
+        replaced = _replace_rows(connection, batch, fingerprint, images, quarantined)
+    except BaseException:
+        store.keep_only(batch.batch_id, stored_pack)
+        raise
+    store.keep_only(batch.batch_id, pack)
+    return LoadCounts(batch.images.height, batch.quarantined.height, replaced)
+
+
+def _replace_rows(
+    connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, fingerprint: str, images: pa.Table, quarantined: pa.Table,
+) -> int:
+    """`replace_batch`'s transaction (DuckDB reads `images` and `quarantined` by name); returns how
+    many rows it replaced."""
     with transaction(connection):
         _store_classes(connection, batch.classes)
         connection.execute("DELETE FROM ingested_files WHERE batch_id = $batch", {"batch": batch.batch_id})
@@ -250,12 +343,9 @@ def replace_batch(connection: duckdb.DuckDBPyConnection, batch: ValidatedBatch, 
         ).fetchone()[0]
         connection.execute("DELETE FROM raw_images WHERE batch_id = $batch", {"batch": batch.batch_id})
         connection.execute("DELETE FROM quarantined_images WHERE batch_id = $batch", {"batch": batch.batch_id})
-        # The bytes come from the landing file a chunk at a time: memory does not grow with the batch.
-        for chunk in accepted_image_chunks(batch):
-            images = chunk.to_arrow()  # noqa: F841 - read by DuckDB's replacement scan
-            connection.execute("INSERT INTO raw_images BY NAME SELECT *, now() AS ingested_at FROM images")
+        connection.execute("INSERT INTO raw_images BY NAME SELECT *, now() AS ingested_at FROM images")
         connection.execute("INSERT INTO quarantined_images BY NAME SELECT *, now() AS quarantined_at FROM quarantined")
-    return LoadCounts(batch.images.height, batch.quarantined.height, replaced)
+    return replaced
 
 
 def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> int:
@@ -273,7 +363,8 @@ def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> i
 
 @dataclass(frozen=True)
 class Records:
-    """Images decoded and resized to the training resolution, in a stable order (by image_id)."""
+    """Images decoded and resized to the training resolution, in a stable order (the image store's:
+    pack by pack, row by row)."""
 
     images: np.ndarray  # uint8 [N, R, R, 3]
     index: pl.DataFrame  # image_id, batch_id, label (nullable) — row i describes images[i]
@@ -281,14 +372,6 @@ class Records:
     @property
     def labels(self) -> np.ndarray:
         return self.index["label"].to_numpy().astype(np.int64)
-
-
-def _decoded(rows: pl.DataFrame, preprocessing: Preprocessing) -> Records:
-    side = preprocessing.resolution
-    images = np.zeros((rows.height, side, side, 3), dtype=np.uint8)
-    for position, data in enumerate(rows["image"]):
-        images[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
-    return Records(images, rows.drop("image"))
 
 
 def split_fingerprints(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
@@ -309,70 +392,71 @@ def split_records(
     connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing,
     batch_ids: list[str] | None = None, limit: int | None = None,
 ) -> Records:
-    """One split of `training_examples` (labeled images only), optionally of some batches only and
-    at most `limit` rows (a deterministic sample: the first by image_id hash)."""
-    rows = connection.execute(
+    """One split of `training_examples` (labeled images only) decoded in memory, optionally of some
+    batches only and at most `limit` rows (a deterministic sample: the first by image_id hash)."""
+    index = connection.execute(
         """
-        SELECT e.image_id, e.batch_id, e.label, r.image
-        FROM training_examples AS e
-        JOIN raw_images AS r USING (image_id)
-        WHERE e.split = $split AND ($batches IS NULL OR list_contains($batches, e.batch_id))
-        ORDER BY CASE WHEN $limit IS NULL THEN 0 ELSE md5_number(e.image_id) END, e.image_id
-        LIMIT $limit
+        SELECT * FROM (
+            SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row, r.content_hash
+            FROM training_examples AS e
+            JOIN raw_images AS r USING (image_id)
+            WHERE e.split = $split AND ($batches IS NULL OR list_contains($batches, e.batch_id))
+            ORDER BY CASE WHEN $limit IS NULL THEN 0 ELSE md5_number(e.image_id) END, e.image_id
+            LIMIT $limit
+        ) ORDER BY image_pack, image_row
         """,
         {"split": split, "batches": batch_ids, "limit": limit},
     ).pl()
-    return _decoded(rows.sort("image_id"), preprocessing)
+    side = preprocessing.resolution
+    pixels = np.zeros((index.height, side, side, 3), dtype=np.uint8)
+    return _decode_into(pixels, index, image_store(connection), preprocessing)
 
 
-SPLIT_INDEX = "SELECT image_id, batch_id, label FROM training_examples WHERE split = $key ORDER BY image_id"
-SPLIT_IMAGES = (
-    "SELECT r.image FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
-    "WHERE e.split = $key ORDER BY e.image_id"
+# Rows in image store order (pack by pack, ascending): each pack is read once, a row group at a time.
+SPLIT_INDEX = (
+    "SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row, r.content_hash "
+    "FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
+    "WHERE e.split = $key ORDER BY r.image_pack, r.image_row"
 )
-BATCH_INDEX = "SELECT image_id, batch_id, label FROM raw_images WHERE batch_id = $key ORDER BY image_id"
-BATCH_IMAGES = "SELECT image FROM raw_images WHERE batch_id = $key ORDER BY image_id"
+BATCH_INDEX = (
+    "SELECT image_id, batch_id, label, image_pack, image_row, content_hash FROM raw_images "
+    "WHERE batch_id = $key ORDER BY image_pack, image_row"
+)
 
 
 def split_to_disk(
     connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing, pixels_path: Path,
-    rows_per_fetch: int = 256,
 ) -> Records:
-    """One whole split of `training_examples` (see `_decode_to_disk`)."""
-    index = connection.execute(SPLIT_INDEX, {"key": split}).pl()
-    images = connection.execute(SPLIT_IMAGES, {"key": split}).fetch_record_batch(rows_per_fetch)
-    return _decode_to_disk(index, images, preprocessing, pixels_path, f"split {split}")
+    """One whole split of `training_examples`, decoded into a file (see `_decode_to_disk`)."""
+    return _decode_to_disk(connection, connection.execute(SPLIT_INDEX, {"key": split}).pl(), preprocessing, pixels_path)
 
 
 def batch_to_disk(
     connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing, pixels_path: Path,
-    rows_per_fetch: int = 256,
 ) -> Records:
-    """Every accepted image of one batch, labeled or not (see `_decode_to_disk`)."""
-    index = connection.execute(BATCH_INDEX, {"key": batch_id}).pl()
-    images = connection.execute(BATCH_IMAGES, {"key": batch_id}).fetch_record_batch(rows_per_fetch)
-    return _decode_to_disk(index, images, preprocessing, pixels_path, f"batch {batch_id}")
+    """Every accepted image of one batch, labeled or not, decoded into a file (see `_decode_to_disk`)."""
+    return _decode_to_disk(connection, connection.execute(BATCH_INDEX, {"key": batch_id}).pl(), preprocessing, pixels_path)
 
 
 def _decode_to_disk(
-    index: pl.DataFrame, images: pa.RecordBatchReader, preprocessing: Preprocessing, pixels_path: Path, what: str,
+    connection: duckdb.DuckDBPyConnection, index: pl.DataFrame, preprocessing: Preprocessing, pixels_path: Path,
 ) -> Records:
-    """The images the `images` reader streams (in `index` order), decoded and resized into a uint8
-    `[N, R, R, 3]` array memory-mapped from `pixels_path` (a .npy file the caller deletes): a few
-    hundred rows of bytes are held at a time, so memory stays bounded however many images there
-    are; the pages live in the file, which the OS may evict."""
+    """The images of `index`, decoded and resized into a uint8 `[N, R, R, 3]` array memory-mapped
+    from `pixels_path` (a .npy file the caller deletes): the store is read a row group at a time, so
+    memory stays bounded however many images there are; the pages live in the file, which the OS
+    may evict."""
     side = preprocessing.resolution
     pixels_path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=(index.height, side, side, 3))
-    position = 0
-    for batch in images:
-        for data in batch.column("image").to_pylist():
-            pixels[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
-            position += 1
-    if position != index.height:
-        raise RuntimeError(f"{what}: {index.height} images listed but {position} read; the warehouse changed meanwhile")
+    records = _decode_into(pixels, index, image_store(connection), preprocessing)
     pixels.flush()
-    return Records(pixels, index)
+    return records
+
+
+def _decode_into(pixels: np.ndarray, index: pl.DataFrame, store: ImageStore, preprocessing: Preprocessing) -> Records:
+    for position, data in enumerate(store.read(index)):
+        pixels[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
+    return Records(pixels, index.select("image_id", "batch_id", "label"))
 
 
 def image_stats(
