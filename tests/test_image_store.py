@@ -5,7 +5,6 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 
@@ -96,11 +95,15 @@ def test_reads_pick_rows_across_row_groups_and_name_a_damaged_pack(tmp_path: Pat
         list(store.read(locations))
 
 
-def test_decoding_a_batch_reads_the_store_in_pack_order(tmp_path: Path):
+def test_a_batch_is_decoded_into_its_packs_cache_which_goes_with_the_pack(tmp_path: Path):
     rows = [good(i) for i in range(6)]
     ingest(tmp_path, rows, fingerprint="a" * 64)
     with warehouse.connect(tmp_path / "warehouse.duckdb", read_only=True) as connection:
-        records = warehouse.batch_to_disk(connection, "b1", Preprocessing(8, "squash", "grayscale"), tmp_path / "p.npy")
-    assert records.index["image_id"].to_list() == [row["image_id"] for row in rows]
-    # Each good(i) is a flat grey of value 10 + i.
-    assert [int(np.asarray(image).mean().round()) for image in records.images] == [10 + i for i in range(6)]
+        records = warehouse.batch_pixels(connection, "b1", Preprocessing(8, "squash", "grayscale"))
+        assert records.index["image_id"].to_list() == [row["image_id"] for row in rows]
+        # Each good(i) is a flat grey of value 10 + i.
+        assert [int(records.images[i].mean().round()) for i in range(6)] == [10 + i for i in range(6)]
+        assert records.images[2:5].shape == (3, 8, 8, 3) and records.images[-1].mean() == 15
+    assert packs(tmp_path) == ["b1/aaaaaaaaaaaaaaaa.8px-squash-grayscale.npy", "b1/aaaaaaaaaaaaaaaa.parquet"]
+    ingest(tmp_path, rows[:3], fingerprint="b" * 64)
+    assert packs(tmp_path) == ["b1/bbbbbbbbbbbbbbbb.parquet"]

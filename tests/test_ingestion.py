@@ -281,8 +281,9 @@ def test_a_warehouse_that_kept_the_image_bytes_moves_them_to_the_image_store(hom
     assert np.array_equal(after.images[order_after.to_numpy()], before.images[order_before.to_numpy()])
 
 
-def test_a_split_streamed_to_disk_holds_exactly_the_images_of_the_split(home: Path):
+def test_a_split_is_decoded_once_into_the_cache_and_read_back_exactly(home: Path):
     from transforms import warehouse
+    from transforms.image_store import stored_pixels
     from transforms.images import Preprocessing
 
     resources, instance = resources_for(home), dg.DagsterInstance.ephemeral()
@@ -291,9 +292,25 @@ def test_a_split_streamed_to_disk_holds_exactly_the_images_of_the_split(home: Pa
     assert dg.materialize(assets("raw_labels", "stg_images"), resources=resources, instance=instance).success
     preprocessing = Preprocessing(24, "center_crop", "rgb")
     with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
+        store = warehouse.image_store(connection)
         for split in ("train", "test"):
+            lazy = warehouse.split_pixels(connection, split, preprocessing)
             in_memory = warehouse.split_records(connection, split, preprocessing)
-            streamed = warehouse.split_to_disk(connection, split, preprocessing, home / f"{split}.npy")
-            assert isinstance(streamed.images, np.memmap) and streamed.images.shape == (in_memory.index.height, 24, 24, 3)
-            assert np.array_equal(streamed.images, in_memory.images) and streamed.index.equals(in_memory.index)
-            assert in_memory.index.height > 10
+            assert lazy.images.shape == (in_memory.index.height, 24, 24, 3) and in_memory.index.height > 10
+            assert lazy.index.equals(in_memory.index)
+            assert np.array_equal(np.stack([lazy.images[i] for i in range(len(lazy.images))]), in_memory.images)
+            # Against a decode of the stored bytes that skips the cache.
+            ids = in_memory.index.select("image_id")  # noqa: F841 - read by DuckDB's replacement scan
+            locations = connection.execute(
+                "SELECT r.image_pack, r.image_row, r.content_hash FROM ids JOIN raw_images AS r USING (image_id) "
+                "ORDER BY r.image_pack, r.image_row"
+            ).pl()
+            direct = np.stack([preprocessing(stored_pixels(data, preprocessing.decode_pixels)) for data in store.read(locations)])
+            assert np.array_equal(in_memory.images, direct)
+        (cache,) = (home / "images" / "disk-000").glob("*.24px-center_crop-rgb.npy")
+        written = cache.stat().st_mtime_ns
+        warehouse.split_pixels(connection, "val", preprocessing)
+        warehouse.batch_pixels(connection, "disk-000", preprocessing)
+        assert cache.stat().st_mtime_ns == written  # decoded once, for every split and the batch
+        grey = warehouse.batch_pixels(connection, "disk-000", Preprocessing(16, "squash", "grayscale"))
+        assert grey.images.shape == (120, 16, 16, 3) and len(list((home / "images" / "disk-000").glob("*.npy"))) == 2

@@ -15,6 +15,16 @@ from training.config import ModelConfig
 from training.model import ImageClassifier
 
 
+# Images per forward pass follow their size: activations grow with the pixels, and 256 photos at
+# 224 px would hold gigabytes of them. 2^18 pixels: 256 images at 32 px, 5 at 224 px.
+FORWARD_PIXELS = 2**18
+
+
+def forward_batch(images: np.ndarray) -> int:
+    """How many of these images (`[N, H, W, 3]`) one forward pass takes."""
+    return max(1, FORWARD_PIXELS // (images.shape[1] * images.shape[2]))
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -26,14 +36,18 @@ def load_classifier(weights_path: Path, model_config: ModelConfig) -> ImageClass
 
 
 @torch.inference_mode()
-def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    batch_size = batch_size or forward_batch(images)
     outputs = [network(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(outputs).numpy()
 
 
 @torch.inference_mode()
-def embed_and_predict(network: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def embed_and_predict(
+    network: ImageClassifier, images: np.ndarray, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate-layer embeddings, predicted classes) of the images."""
+    batch_size = batch_size or forward_batch(images)
     embeddings = [network.embed(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     embedded = torch.cat(embeddings) if embeddings else torch.zeros((0, network.head.in_features))
     return embedded.numpy(), network.head(embedded).argmax(dim=1).numpy()
@@ -45,7 +59,8 @@ def onnx_session(model_path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
-def predict_onnx(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict_onnx(session: ort.InferenceSession, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    batch_size = batch_size or forward_batch(images)
     outputs = [session.run(["logits"], {"image": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
     return np.concatenate(outputs)
 

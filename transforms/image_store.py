@@ -9,11 +9,18 @@ old one is removed once the warehouse points at the new one, so the space comes 
 Packs are written in small row groups (STORE_ROW_GROUP_BYTES) so a sample of a few images reads a
 few row groups, not whole batches. Every read checks the bytes against the content hash the
 warehouse holds: a damaged or replaced pack is named, never silently trained on.
+
+Beside each pack, its images decoded and resized for a preprocessing (`<fingerprint>.<R>px-<resize>-
+<mode>.npy`, uint8 `[N, R, R, 3]` in pack order, a plain .npy): every stored image is decoded once per
+preprocessing, the first time a dataset, a drift report or a reference sample needs it, so a tick
+decodes only its new batches and a new resolution starts a new file. They go with their pack.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from transforms.images import Preprocessing, decode_image
 from transforms.landing import ParquetFileWriter, check_batch_id
 
 STORE_ROW_GROUP_BYTES = 2**20
@@ -48,13 +56,14 @@ class ImageStore:
         return name
 
     def keep_only(self, batch_id: str, pack: str | None) -> None:
-        """Remove the batch's packs other than `pack` (None: all of them), once the warehouse no
-        longer points at them: a replaced or emptied batch gives its space back."""
+        """Remove the batch's packs other than `pack` (None: all of them) and their decoded pixels,
+        once the warehouse no longer points at them: a replaced or emptied batch gives its space back."""
         folder = self.root / check_batch_id(batch_id)
         if not folder.is_dir():
             return
+        kept = Path(pack).name.removesuffix(".parquet") + "." if pack else None
         for path in folder.iterdir():
-            if f"{batch_id}/{path.name}" != pack:
+            if kept is None or not path.name.startswith(kept):
                 path.unlink(missing_ok=True)
         if pack is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -90,6 +99,40 @@ class ImageStore:
                 )
             yield data
 
+    def decoded(self, pack: str, locations: pl.DataFrame, preprocessing: Preprocessing) -> PackPixels:
+        """Every image of `pack` (`locations`: all its rows, ascending) decoded for `preprocessing`:
+        read from the pack's cache file, written first if there is none."""
+        stem = pack.removesuffix(".parquet")
+        path = self.root / f"{stem}.{preprocessing.resolution}px-{preprocessing.resize}-{preprocessing.mode}.npy"
+        if not path.exists():
+            self._write_decoded(path, locations, preprocessing)
+        pixels = PackPixels(path)
+        if len(pixels) != locations.height:
+            raise ImageStoreError(f"{path}: holds {len(pixels)} images, the pack {locations.height}; delete the file to decode again")
+        return pixels
+
+    def _write_decoded(self, path: Path, locations: pl.DataFrame, preprocessing: Preprocessing, rows_per_write: int = 64) -> None:
+        side = preprocessing.resolution
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                np.lib.format.write_array_header_1_0(
+                    handle, {"descr": "|u1", "fortran_order": False, "shape": (locations.height, side, side, 3)}
+                )
+                rows = []
+                for data in self.read(locations):
+                    rows.append(preprocessing(stored_pixels(data, preprocessing.decode_pixels)))
+                    if len(rows) == rows_per_write:
+                        handle.write(np.stack(rows).tobytes())
+                        rows = []
+                if rows:
+                    handle.write(np.stack(rows).tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
     def _open(self, pack: str) -> pq.ParquetFile:
         try:
             return pq.ParquetFile(self.root / pack)
@@ -99,3 +142,72 @@ class ImageStore:
 
     def size_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.root.rglob("*.parquet")) if self.root.is_dir() else 0
+
+
+def stored_pixels(data: bytes, fit_pixels: int) -> np.ndarray:
+    """RGB pixels of a stored image, decoded at about `fit_pixels`. Every stored image passed
+    validation at ingestion, so no pixel limit applies and decoding cannot be refused."""
+    return decode_image(data, max_pixels=2**62, fit_pixels=fit_pixels).pixels
+
+
+class PackPixels:
+    """A pack's decoded images (a .npy of uint8 `[N, R, R, 3]`), read with pread rather than a memory
+    map: resident memory is what a caller asks for (`pixels[i]`, `pixels[a:b]`), however large the file."""
+
+    def __init__(self, path: Path):
+        self._descriptor: tuple[int, int] | None = None  # (process id, fd): a forked worker opens its own
+        self.path = path
+        with open(path, "rb") as handle:
+            np.lib.format.read_magic(handle)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            self._offset = handle.tell()
+        if dtype != np.uint8 or len(shape) != 4:
+            raise ImageStoreError(f"{path}: not decoded images (uint8 [N, R, R, 3]) but {dtype} {shape}")
+        self.shape = shape
+        self._row_bytes = math.prod(shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("PackPixels reads contiguous rows only")
+            count = max(0, stop - start)
+            return self._read(start, count).reshape(count, *self.shape[1:])
+        index = key + len(self) if key < 0 else key
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {key} of {len(self)}")
+        return self._read(index, 1).reshape(self.shape[1:])
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        if self._descriptor is None or self._descriptor[0] != os.getpid():
+            self._descriptor = (os.getpid(), os.open(self.path, os.O_RDONLY))
+        size = count * self._row_bytes
+        data = os.pread(self._descriptor[1], size, self._offset + start * self._row_bytes)
+        if len(data) != size:
+            raise ImageStoreError(f"{self.path}: ends before row {start + count}; delete the file to decode again")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def __del__(self) -> None:
+        if self._descriptor is not None and self._descriptor[0] == os.getpid():
+            os.close(self._descriptor[1])
+
+
+class GatheredPixels:
+    """Rows of several packs' decoded images in the order of an index, read one image (or a few
+    contiguous ones) at a time: what FFCV's writer and the model read."""
+
+    def __init__(self, parts: list[PackPixels], part: np.ndarray, row: np.ndarray, side: int):
+        self._parts, self._part, self._row = parts, part, row
+        self.shape = (len(row), side, side, 3)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if isinstance(key, slice):
+            rows = [self[i] for i in range(*key.indices(len(self)))]
+            return np.stack(rows) if rows else np.zeros((0, *self.shape[1:]), dtype=np.uint8)
+        return self._parts[self._part[key]][int(self._row[key])]

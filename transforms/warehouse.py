@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from transforms.image_store import ImageStore
-from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, Preprocessing, StatisticsCollector, decode_image
+from transforms.image_store import GatheredPixels, ImageStore, PackPixels, stored_pixels
+from transforms.images import STAT_COLUMNS, STATISTICS_PIXELS, Preprocessing, StatisticsCollector
 from transforms.labels import LabelSet
 from transforms.landing import ValidatedBatch, accepted_image_chunks
 
@@ -123,12 +123,6 @@ def image_store(connection: duckdb.DuckDBPyConnection) -> ImageStore:
     """The store of the warehouse's image bytes: `images/` beside the warehouse file."""
     path = connection.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
     return ImageStore(Path(path).parent / "images")
-
-
-def stored_pixels(data: bytes, fit_pixels: int) -> np.ndarray:
-    """RGB pixels of an image stored in `raw_images`, decoded at about `fit_pixels`. Every stored image
-    passed validation at ingestion, so no pixel limit applies and decoding cannot be refused."""
-    return decode_image(data, max_pixels=2**62, fit_pixels=fit_pixels).pixels
 
 
 def prepare(path: Path) -> None:
@@ -361,12 +355,16 @@ def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> i
     return labels.labels.height
 
 
+# Decoded images: a whole array in memory, or read a few at a time from the image store's cache.
+Pixels = np.ndarray | PackPixels | GatheredPixels
+
+
 @dataclass(frozen=True)
 class Records:
     """Images decoded and resized to the training resolution, in a stable order (the image store's:
     pack by pack, row by row)."""
 
-    images: np.ndarray  # uint8 [N, R, R, 3]
+    images: Pixels  # uint8 [N, R, R, 3]: `images[i]` and `images[a:b]` are arrays
     index: pl.DataFrame  # image_id, batch_id, label (nullable) — row i describes images[i]
 
     @property
@@ -392,12 +390,12 @@ def split_records(
     connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing,
     batch_ids: list[str] | None = None, limit: int | None = None,
 ) -> Records:
-    """One split of `training_examples` (labeled images only) decoded in memory, optionally of some
-    batches only and at most `limit` rows (a deterministic sample: the first by image_id hash)."""
+    """One split of `training_examples` (labeled images only) in memory, optionally of some batches
+    only and at most `limit` rows (a deterministic sample: the first by image_id hash)."""
     index = connection.execute(
         """
         SELECT * FROM (
-            SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row, r.content_hash
+            SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row
             FROM training_examples AS e
             JOIN raw_images AS r USING (image_id)
             WHERE e.split = $split AND ($batches IS NULL OR list_contains($batches, e.batch_id))
@@ -407,56 +405,46 @@ def split_records(
         """,
         {"split": split, "batches": batch_ids, "limit": limit},
     ).pl()
-    side = preprocessing.resolution
-    pixels = np.zeros((index.height, side, side, 3), dtype=np.uint8)
-    return _decode_into(pixels, index, image_store(connection), preprocessing)
+    records = _decoded(connection, index, preprocessing)
+    return Records(records.images[:], records.index)
 
 
-# Rows in image store order (pack by pack, ascending): each pack is read once, a row group at a time.
+# Rows in image store order (pack by pack, ascending).
 SPLIT_INDEX = (
-    "SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row, r.content_hash "
+    "SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row "
     "FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
     "WHERE e.split = $key ORDER BY r.image_pack, r.image_row"
 )
 BATCH_INDEX = (
-    "SELECT image_id, batch_id, label, image_pack, image_row, content_hash FROM raw_images "
+    "SELECT image_id, batch_id, label, image_pack, image_row FROM raw_images "
     "WHERE batch_id = $key ORDER BY image_pack, image_row"
 )
+PACK_LOCATIONS = "SELECT image_pack, image_row, content_hash FROM raw_images WHERE image_pack = $pack ORDER BY image_row"
 
 
-def split_to_disk(
-    connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing, pixels_path: Path,
-) -> Records:
-    """One whole split of `training_examples`, decoded into a file (see `_decode_to_disk`)."""
-    return _decode_to_disk(connection, connection.execute(SPLIT_INDEX, {"key": split}).pl(), preprocessing, pixels_path)
+def split_pixels(connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing) -> Records:
+    """One whole split of `training_examples`, read an image at a time (see `_decoded`)."""
+    return _decoded(connection, connection.execute(SPLIT_INDEX, {"key": split}).pl(), preprocessing)
 
 
-def batch_to_disk(
-    connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing, pixels_path: Path,
-) -> Records:
-    """Every accepted image of one batch, labeled or not, decoded into a file (see `_decode_to_disk`)."""
-    return _decode_to_disk(connection, connection.execute(BATCH_INDEX, {"key": batch_id}).pl(), preprocessing, pixels_path)
+def batch_pixels(connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing) -> Records:
+    """Every accepted image of one batch, labeled or not, read a few at a time (see `_decoded`)."""
+    return _decoded(connection, connection.execute(BATCH_INDEX, {"key": batch_id}).pl(), preprocessing)
 
 
-def _decode_to_disk(
-    connection: duckdb.DuckDBPyConnection, index: pl.DataFrame, preprocessing: Preprocessing, pixels_path: Path,
-) -> Records:
-    """The images of `index`, decoded and resized into a uint8 `[N, R, R, 3]` array memory-mapped
-    from `pixels_path` (a .npy file the caller deletes): the store is read a row group at a time, so
-    memory stays bounded however many images there are; the pages live in the file, which the OS
-    may evict."""
-    side = preprocessing.resolution
-    pixels_path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8, shape=(index.height, side, side, 3))
-    records = _decode_into(pixels, index, image_store(connection), preprocessing)
-    pixels.flush()
-    return records
-
-
-def _decode_into(pixels: np.ndarray, index: pl.DataFrame, store: ImageStore, preprocessing: Preprocessing) -> Records:
-    for position, data in enumerate(store.read(index)):
-        pixels[position] = preprocessing(stored_pixels(data, preprocessing.decode_pixels))
-    return Records(pixels, index.select("image_id", "batch_id", "label"))
+def _decoded(connection: duckdb.DuckDBPyConnection, index: pl.DataFrame, preprocessing: Preprocessing) -> Records:
+    """The images of `index` (rows of `raw_images`, pack by pack) decoded for `preprocessing`: each
+    pack's images are decoded once, into the image store's cache, and read from there a few at a
+    time, so memory stays bounded however many images there are, and a pack decoded for an earlier
+    dataset or report is not decoded again."""
+    store = image_store(connection)
+    packs = index["image_pack"].unique(maintain_order=True).to_list()
+    parts = [store.decoded(pack, connection.execute(PACK_LOCATIONS, {"pack": pack}).pl(), preprocessing) for pack in packs]
+    rows = index.select("image_id", "batch_id", "label")
+    if len(parts) == 1 and index["image_row"].to_list() == list(range(len(parts[0]))):
+        return Records(parts[0], rows)  # a whole pack: its cache as it is
+    part = index["image_pack"].replace_strict(packs, list(range(len(packs))), return_dtype=pl.Int32).to_numpy()
+    return Records(GatheredPixels(parts, part, index["image_row"].to_numpy(), preprocessing.resolution), rows)
 
 
 def image_stats(

@@ -38,12 +38,9 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
             if unchanged:
                 splits[split] = previous[split] | {"rewritten": False}
                 continue
-            pixels_path = flywheel.ffcv / f".{split}.pixels.npy"
-            try:
-                records = warehouse.split_to_disk(connection, split, preprocessing, pixels_path)
-                write_beton(beton, records.images, records.labels)
-            finally:
-                pixels_path.unlink(missing_ok=True)
+            # Only images no earlier dataset decoded at this preprocessing are decoded now.
+            records = warehouse.split_pixels(connection, split, preprocessing)
+            write_beton(beton, records.images, records.labels)
             records.index.write_parquet(index_path)
             splits[split] = {
                 "path": str(beton),

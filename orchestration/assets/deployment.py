@@ -15,7 +15,9 @@ from training.card import GateVerdict, Lineage, build_card
 from training.config import ModelConfig
 from training.data import read_beton
 from training.evaluate import Metrics, TestSet, evaluate_models
-from training.export import ExportGatePolicy, RecipeMemory, calibration_indices, export_candidate, export_gate
+from training.export import (
+    ExportGatePolicy, RecipeMemory, calibration_indices, calibration_size, export_candidate, export_gate,
+)
 from training.gate import GateDecision, GatePolicy
 from training.inference import load_classifier, onnx_session, predict_onnx
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
@@ -27,7 +29,8 @@ class ExportConfig(dg.Config):
     max_size_ratio: float = Field(0.3, gt=0, description="int8 file at most this fraction of the fp32 file.")
     max_parity_diff: float = Field(1e-3, gt=0, description="Largest allowed |torch - ONNX fp32| logit difference.")
     calibration_images: int = Field(
-        512, ge=16, description="int8 calibration sample: at most this many validation images, balanced over the classes.",
+        512, ge=16, description="int8 calibration sample: at most this many validation images, balanced over the classes "
+        "(fewer at high resolutions: training.export.CALIBRATION_PIXELS bounds its memory).",
     )
 
     def policy(self) -> ExportGatePolicy:
@@ -101,7 +104,8 @@ def _export_and_publish(
     validation = ffcv_datasets["splits"]["val"]
     validation_labels = pl.read_parquet(validation["index"], columns=["label"])["label"].to_numpy()
     calibration_images, _ = read_beton(
-        Path(validation["path"]), indices=calibration_indices(validation_labels, config.calibration_images)
+        Path(validation["path"]),
+        indices=calibration_indices(validation_labels, calibration_size(config.calibration_images, model_config.resolution)),
     )
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))

@@ -2,9 +2,6 @@
 drift (MMD on the champion's penultimate layer), prediction drift and, where the batch is labeled,
 the champion's real accuracy on it."""
 
-import tempfile
-from pathlib import Path
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -75,20 +72,18 @@ def drift_report(
     policy = DriftPolicy(config.ks_p_value, config.distance_threshold, config.small_reference, config.dataset_drift_share)
     reference_embeddings, reference_predictions = _reference(flywheel, champion, card, config.reference_rows)
     network = load_classifier(champion.weights, card.model)
-    # The batch's pixels go to a file on the data disk and are read a few hundred at a time: memory
-    # does not grow with the batch.
-    with warehouse.connect(flywheel.warehouse, read_only=True) as connection, \
-            tempfile.TemporaryDirectory(dir=flywheel.root, prefix=".drift-") as scratch:
+    # The batch's pixels are read from the image store's decoded cache a few hundred at a time:
+    # memory does not grow with the batch.
+    with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         reference_stats = warehouse.image_stats(connection, card.lineage.training_batches, split="train")
         current_stats = warehouse.image_stats(connection, [batch_id])
         if current_stats.is_empty():
             raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
-        records = warehouse.batch_to_disk(connection, batch_id, served_preprocessing(card), Path(scratch) / "pixels.npy")
+        records = warehouse.batch_pixels(connection, batch_id, served_preprocessing(card))
         embeddings, _ = embed_and_predict(network, records.images)
         # What is served is the int8 file: its predictions are the ones that count.
         predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
         index = records.index
-        del records  # the memory map, before its file goes
     features = dataset_drift(reference_stats, current_stats, list(DRIFT_FEATURES), policy)
     embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
     classes = prediction_drift(reference_predictions, predictions, card.model.num_classes, policy)
