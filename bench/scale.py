@@ -11,7 +11,8 @@ functions the assets call, in a fresh process, so its peak RSS is its own:
   ingest       validation and storing of batches 3 .. N
   dbt          `dbt build` over the whole history
   datasets     the FFCV datasets of every split (each new image decoded once, into the store's cache)
-  drift        the last batch against a 1,000-image training reference (statistics, embeddings, predictions)
+  drift        the last batch against a new champion's 1,000-image training reference (statistics,
+               embeddings); the reference is computed once per champion, so the ticks reuse theirs
   calibration  int8 calibration of an untrained network on a balanced validation sample
   tick N+1     as tick 2, for the batch after the whole history
 Throughput is images per second against a bare PIL decode of the same images (target >= 0.5);
@@ -137,6 +138,20 @@ def _network(home: Path, dataset: str):
     return ImageClassifier(ModelConfig(num_classes=classes, resolution=preprocessing_of(dataset).resolution)).eval()
 
 
+def _reference(home: Path, dataset: str, training_batches: list[str]) -> np.ndarray:
+    """The champion's embeddings of a 1,000-image sample of its training data: computed once per
+    champion and kept, as the drift_report asset keeps them."""
+    from training.inference import embed_and_predict
+    from transforms import warehouse
+
+    path = home / "reference_embeddings.npy"
+    if not path.exists():
+        with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
+            reference = warehouse.split_records(connection, "train", preprocessing_of(dataset), training_batches, limit=1000)
+        np.save(path, embed_and_predict(_network(home, dataset), reference.images)[0])
+    return np.load(path, allow_pickle=False)
+
+
 def _drift(home: Path, dataset: str, batch_id: str, training_batches: list[str]) -> int:
     from training.inference import embed_and_predict
     from transforms import warehouse
@@ -144,9 +159,8 @@ def _drift(home: Path, dataset: str, batch_id: str, training_batches: list[str])
     from transforms.images import DRIFT_FEATURES
 
     network = _network(home, dataset)
+    reference_embeddings = _reference(home, dataset, training_batches)
     with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
-        reference = warehouse.split_records(connection, "train", preprocessing_of(dataset), training_batches, limit=1000)
-        reference_embeddings, _ = embed_and_predict(network, reference.images)
         reference_stats = warehouse.image_stats(connection, training_batches, split="train")
         current_stats = warehouse.image_stats(connection, [batch_id])
         current = warehouse.batch_pixels(connection, batch_id, preprocessing_of(dataset))
@@ -198,6 +212,7 @@ def run_stage(stage: str, home: Path, dataset: str, source: Path) -> dict:
         _ingest(home, batches[0])
         _dbt(home)
         _datasets(home, dataset)
+        _reference(home, dataset, [batches[0].stem])  # the first champion's, before the next batch lands
         tick = _tick(home, dataset, batches[1], [batches[0].stem])
         return tick | {"images": len(_landed_ids(batches[1]))}
     elif stage == "ingest":
@@ -208,6 +223,8 @@ def run_stage(stage: str, home: Path, dataset: str, source: Path) -> dict:
     elif stage == "datasets":
         images = _datasets(home, dataset)
     elif stage == "drift":
+        # A new champion's first report, over the whole history: its reference is computed here.
+        (home / "reference_embeddings.npy").unlink(missing_ok=True)
         images = _drift(home, dataset, batches[-2].stem, [path.stem for path in batches[:-2]])
     elif stage == "calibration":
         images = _calibration(home, dataset)
