@@ -38,10 +38,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ingest import dbt_build  # bench/ingest.py: `dbt build` on a data root
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DBT = [str(Path(sys.executable).parent / "dbt"), "build", "--quiet", "--project-dir", str(REPO / "dbt_project"),
-       "--profiles-dir", str(REPO / "dbt_project")]
 PHOTO_SIZES = ((224, 224), (320, 240), (640, 480), (800, 800), (1024, 768), (1600, 1200))
 PHOTO_CLASSES = ("cat", "dog", "fox", "owl")
 TARGETS = {"peak_mib_max": 2048, "vs_decode_min": 0.5, "warehouse_bytes_per_image_max": 1024, "late_vs_early_tick_max": 1.3}
@@ -105,10 +105,6 @@ def _ingest(home: Path, path: Path) -> int:
         )
         warehouse.replace_batch(connection, batch, fingerprint=f"{path.stem}-bench-{'0' * 32}")
         return batch.images.height
-
-
-def _dbt(home: Path) -> None:
-    subprocess.run(DBT, check=True, env={"FLYWHEEL_HOME": str(home), "PATH": "/usr/bin:/bin"}, capture_output=True)
 
 
 def _datasets(home: Path, dataset: str) -> int:
@@ -189,7 +185,7 @@ def _tick(home: Path, dataset: str, batch: Path, training_batches: list[str]) ->
     """One tick without training: ingest the new batch, dbt, the datasets, its drift report."""
     seconds = {}
     for name, step in (
-        ("ingest", lambda: _ingest(home, batch)), ("dbt", lambda: _dbt(home)),
+        ("ingest", lambda: _ingest(home, batch)), ("dbt", lambda: dbt_build(home)),
         ("datasets", lambda: _datasets(home, dataset)), ("drift", lambda: _drift(home, dataset, batch.stem, training_batches)),
     ):
         started = time.perf_counter()
@@ -210,7 +206,7 @@ def run_stage(stage: str, home: Path, dataset: str, source: Path) -> dict:
         images = report.landed
     elif stage == "tick-early":
         _ingest(home, batches[0])
-        _dbt(home)
+        dbt_build(home)
         _datasets(home, dataset)
         _reference(home, dataset, [batches[0].stem])  # the first champion's, before the next batch lands
         tick = _tick(home, dataset, batches[1], [batches[0].stem])
@@ -218,7 +214,7 @@ def run_stage(stage: str, home: Path, dataset: str, source: Path) -> dict:
     elif stage == "ingest":
         images = sum(_ingest(home, path) for path in tqdm(batches[2:-1], desc="ingesting", leave=False))
     elif stage == "dbt":
-        _dbt(home)
+        dbt_build(home)
         images = sum(len(_landed_ids(path)) for path in batches[:-1])
     elif stage == "datasets":
         images = _datasets(home, dataset)

@@ -140,9 +140,6 @@ class ImageStore:
             raise ImageStoreError(f"{self.root / pack}: the image pack cannot be read ({type(error).__name__}: {error}); "
                                   "ingest its batch again") from None
 
-    def size_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.root.rglob("*.parquet")) if self.root.is_dir() else 0
-
 
 def stored_pixels(data: bytes, fit_pixels: int) -> np.ndarray:
     """RGB pixels of a stored image, decoded at about `fit_pixels`. Every stored image passed

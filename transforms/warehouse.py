@@ -162,8 +162,8 @@ REQUIRE_RAW_IMAGE_COLUMNS = ";\n".join(
 def move_image_bytes_to_store(connection: duckdb.DuckDBPyConnection, rows_per_fetch: int = 256) -> int:
     """An earlier flywheel kept the image bytes in `raw_images.image`: write them to the image store,
     one pack per batch (streamed, a few hundred rows at a time), then, in one transaction, rebuild
-    `raw_images` pointing at them, without the column. Nothing stored is lost: the bytes are in the packs before the column
-    goes. Returns the number of images moved (none on an up-to-date warehouse)."""
+    `raw_images` pointing at them, without the column. Nothing stored is lost: the bytes are in the
+    packs before the column goes. Returns the number of images moved (none on an up-to-date warehouse)."""
     if "image" not in _raw_image_columns(connection):
         return 0
     store = image_store(connection)
