@@ -7,10 +7,13 @@ apart):
     `ffcv_datasets` asset makes;
   - FFCV Loader vs a torch DataLoader decoding the PNG bytes with PIL (target >= 5x);
   - FFCV vs the in-memory ceiling, indexing a preloaded uint8 tensor (reported as a fraction);
-  - FFCV vs the CPU training step of the default model (target >= 10x: data never starves training).
+  - FFCV vs the CPU training step of the default model (target >= 10x: data never starves training);
+  - one file written whole against the same images written as --shards per-batch shards and merged
+    (what `ffcv_datasets` does): write and merge seconds, file size, loader throughput, and a tick's
+    dataset cost (one new shard encoded + a merge) against rewriting the whole file.
 Prints a table, then one JSON line with the figures.
 
-    .venv/bin/python bench/loader.py [--images 20000] [--batch-size 256] [--workers 2] [--epochs 3]
+    .venv/bin/python bench/loader.py [--images 20000] [--batch-size 256] [--workers 2] [--epochs 3] [--shards 20]
 """
 
 import argparse
@@ -29,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from training.config import ModelConfig
-from training.data import _ArrayDataset, make_loader
+from training.data import _ArrayDataset, make_loader, merge_betons, write_beton
 from training.model import ImageClassifier
 from transforms.simulate import digits_pool
 
@@ -62,6 +65,31 @@ def epochs_per_second(loader, epochs: int, label: str) -> tuple[float, float]:
     for _ in tqdm(range(epochs), desc=label, leave=False):
         seen += one_epoch()
     return first, seen / (time.perf_counter() - started)
+
+
+def seconds(work) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = work()
+    return time.perf_counter() - started, result
+
+
+def shards_against_one_file(images: np.ndarray, labels: np.ndarray, shards: int, batch_size: int, workers: int, epochs: int) -> dict:
+    """The same examples as one written file and as `shards` shards merged into one."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        whole_s, whole = seconds(lambda: write_beton(root / "whole.beton", images, labels))
+        parts = np.array_split(np.arange(len(labels)), shards)
+        shards_s, paths = seconds(lambda: [write_beton(root / f"shard-{i}.beton", images[rows], labels[rows]) for i, rows in enumerate(parts)])
+        merge_s, merged = seconds(lambda: merge_betons(paths, root / "merged.beton"))
+        _, whole_rate = epochs_per_second(make_loader(whole, batch_size, workers, train=True), epochs, "ffcv one file")
+        _, merged_rate = epochs_per_second(make_loader(merged, batch_size, workers, train=True), epochs, "ffcv merged shards")
+        tick_s = shards_s / shards + merge_s  # the newest shard is encoded, then the split merged
+        return {
+            "shards": shards, "whole_write_s": whole_s, "shards_write_s": shards_s, "merge_s": merge_s,
+            "whole_bytes": whole.stat().st_size, "merged_bytes": merged.stat().st_size,
+            "whole_images_per_s": whole_rate, "merged_images_per_s": merged_rate,
+            "tick_shard_and_merge_s": tick_s, "tick_vs_rewrite": tick_s / whole_s,
+        }
 
 
 class PngDataset(Dataset):
@@ -111,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--shards", type=int, default=20)
     args = parser.parse_args()
     images, labels = digits(args.images)
 
@@ -132,6 +161,7 @@ def main() -> None:
         type("Ceiling", (), {"__iter__": lambda self: in_memory(*tensors, args.batch_size)})(), args.epochs, "in-memory tensor"
     )
     train_rate = training_throughput(args.batch_size)
+    sharded = shards_against_one_file(images, labels, args.shards, args.batch_size, args.workers, args.epochs)
     ffcv = modes["raw"]["images_per_s"]
 
     print(f"\n{'loader':<34}{'size':>10}{'first epoch':>14}{'steady img/s':>16}")
@@ -145,6 +175,12 @@ def main() -> None:
     print(f"FFCV raw vs training step: {ffcv / train_rate:.1f}x (target >= 10)")
     print(f"chosen write mode: raw ({modes['raw']['bytes'] / modes['jpg']['bytes']:.1f}x the jpg file, "
           f"{ffcv / modes['jpg']['images_per_s']:.1f}x its throughput, and lossless)")
+    print(f"\n{'raw .beton, same images':<34}{'write s':>10}{'merge s':>10}{'size':>10}{'steady img/s':>16}")
+    print(f"{'one file':<34}{sharded['whole_write_s']:>10.2f}{'':>10}{sharded['whole_bytes'] / 2**20:>8.1f}MB{sharded['whole_images_per_s']:>16,.0f}")
+    print(f"{str(args.shards) + ' shards merged':<34}{sharded['shards_write_s']:>10.2f}{sharded['merge_s']:>10.2f}"
+          f"{sharded['merged_bytes'] / 2**20:>8.1f}MB{sharded['merged_images_per_s']:>16,.0f}")
+    print(f"merged vs one file, loader throughput: {sharded['merged_images_per_s'] / sharded['whole_images_per_s']:.2f}x; "
+          f"a tick's datasets (one new shard + merge) vs a rewrite: {sharded['tick_vs_rewrite']:.3f}x")
     print(json.dumps({
         "ffcv_write_modes": {m: {"bytes": f["bytes"], "first_epoch_s": round(f["first_epoch_s"], 3), "images_per_s": round(f["images_per_s"])} for m, f in modes.items()},
         "pil_dataloader_images_per_s": round(pil_rate),
@@ -153,6 +189,8 @@ def main() -> None:
         "ffcv_vs_pil": round(ffcv / pil_rate, 2), "ffcv_vs_pil_target_min": 5,
         "ffcv_fraction_of_in_memory": round(ffcv / ceiling_rate, 3),
         "ffcv_vs_training": round(ffcv / train_rate, 1), "ffcv_vs_training_target_min": 10,
+        "shards_vs_one_file": {k: round(v, 3) if isinstance(v, float) else v for k, v in sharded.items()}
+        | {"merged_vs_one_file_throughput": round(sharded["merged_images_per_s"] / sharded["whole_images_per_s"], 3)},
         "images": args.images, "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
     }))
 

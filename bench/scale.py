@@ -10,7 +10,8 @@ functions the assets call, in a fresh process, so its peak RSS is its own:
   tick 2       ingest + dbt + dataset writing + drift of batch 2, on top of batch 1 (no training)
   ingest       validation and storing of batches 3 .. N
   dbt          `dbt build` over the whole history
-  datasets     the FFCV datasets of every split (each new image decoded once, into the store's cache)
+  datasets     the FFCV datasets: a shard per new batch and split (each new image decoded once, into the
+               store's cache), merged into one file per split
   drift        the last batch against a new champion's 1,000-image training reference (statistics,
                embeddings); the reference is computed once per champion, so the ticks reuse theirs
   calibration  int8 calibration of an untrained network on a balanced validation sample
@@ -108,17 +109,17 @@ def _ingest(home: Path, path: Path) -> int:
 
 
 def _datasets(home: Path, dataset: str) -> int:
-    from training.data import SPLITS, write_beton
+    """Builds the split files; returns how many examples it encoded (the shards of new batches)."""
+    from training.data import build_datasets
     from transforms import warehouse
 
-    written = 0
+    preprocessing = preprocessing_of(dataset)
     with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
-        for split in SPLITS:
-            records = warehouse.split_pixels(connection, split, preprocessing_of(dataset))
-            write_beton(home / "ffcv" / f"{split}.beton", records.images, records.labels)
-            records.index.write_parquet(home / "ffcv" / f"{split}.index.parquet")
-            written += len(records.labels)
-    return written
+        build = build_datasets(
+            home / "ffcv", preprocessing.tag, warehouse.shard_fingerprints(connection),
+            lambda split, batch_id: warehouse.shard_pixels(connection, split, batch_id, preprocessing),
+        )
+    return build.encoded
 
 
 def _network(home: Path, dataset: str):

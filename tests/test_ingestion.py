@@ -294,7 +294,7 @@ def test_a_split_is_decoded_once_into_the_cache_and_read_back_exactly(home: Path
     with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
         store = warehouse.image_store(connection)
         for split in ("train", "test"):
-            lazy = warehouse.split_pixels(connection, split, preprocessing)
+            lazy = warehouse.shard_pixels(connection, split, "disk-000", preprocessing)
             in_memory = warehouse.split_records(connection, split, preprocessing)
             assert lazy.images.shape == (in_memory.index.height, 24, 24, 3) and in_memory.index.height > 10
             assert lazy.index.equals(in_memory.index)
@@ -309,7 +309,7 @@ def test_a_split_is_decoded_once_into_the_cache_and_read_back_exactly(home: Path
             assert np.array_equal(in_memory.images, direct)
         (cache,) = (home / "images" / "disk-000").glob("*.24px-center_crop-rgb.npy")
         written = cache.stat().st_mtime_ns
-        warehouse.split_pixels(connection, "val", preprocessing)
+        warehouse.shard_pixels(connection, "val", "disk-000", preprocessing)
         warehouse.batch_pixels(connection, "disk-000", preprocessing)
         assert cache.stat().st_mtime_ns == written  # decoded once, for every split and the batch
         grey = warehouse.batch_pixels(connection, "disk-000", Preprocessing(16, "squash", "grayscale"))

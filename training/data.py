@@ -1,4 +1,5 @@
-"""FFCV datasets: the `.beton` schema, writing one split, and the loaders training and evaluation use.
+"""FFCV datasets: the `.beton` schema, writing a batch's shard of a split, merging shards into the
+split's file, and the loaders training and evaluation use.
 
 Schema (one place, as FFCV's own examples keep it):
     image  RGBImageField, raw uint8 pixels at the training resolution. Measured by bench/loader.py
@@ -9,18 +10,26 @@ Schema (one place, as FFCV's own examples keep it):
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 import lightning as L
 import numpy as np
+import polars as pl
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
-from ffcv.writer import DatasetWriter
+from ffcv.reader import Reader
+from ffcv.types import HeaderType
+from ffcv.utils import align_to_page
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
 SPLITS = ("train", "val", "test")
 
@@ -38,8 +47,15 @@ class _ArrayDataset:
         return self.images[index], int(self.labels[index])
 
 
+def page_size(resolution: int) -> int:
+    """The smallest FFCV page that holds one raw image: a shard's last page is partly empty, and
+    the merged file keeps each shard's pages, so small pages keep that waste small (2 MiB up to
+    ~830 px; FFCV's default is 8 MiB)."""
+    return max(MIN_PAGE_SIZE, 1 << (resolution * resolution * 3).bit_length())
+
+
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers: int = 1) -> Path:
-    """Write one split atomically: a temporary file, renamed into place only when complete."""
+    """Write one file atomically: a temporary file, renamed into place only when complete."""
     if len(labels) == 0:
         raise ValueError(f"cannot write {path}: the split has no examples")
     resolution = images.shape[1]
@@ -49,9 +65,190 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, num_workers:
     }
     partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    DatasetWriter(str(partial), fields, num_workers=num_workers).from_indexed_dataset(_ArrayDataset(images, labels))
+    writer = DatasetWriter(str(partial), fields, page_size=page_size(resolution), num_workers=num_workers)
+    writer.from_indexed_dataset(_ArrayDataset(images, labels))
     os.replace(partial, path)
     return path
+
+
+def merge_betons(shards: list[Path], path: Path) -> Path:
+    """Concatenate `.beton` shards of one schema into one file that FFCV's Loader reads as a whole,
+    samples in shard order, atomically. No sample is decoded or re-encoded: each shard's data pages
+    are copied as they are (`copy_file_range`: a reflink where the filesystem has them, a kernel
+    copy elsewhere) to a page-aligned place, and its sample pointers and ids shifted to match. So a
+    split is rebuilt for the cost of a file copy, while encoding follows only the new shards.
+
+    FFCV 1.0's layout: header, field descriptors, one metadata row per sample, data pages starting
+    at the first page boundary after the metadata, then the allocation table."""
+    readers = [Reader(str(shard)) for shard in shards]
+    if not readers:
+        raise ValueError(f"cannot write {path}: no shards")
+    first = readers[0]
+    for shard, reader in zip(shards, readers):
+        if _layout(reader) != _layout(first):
+            raise ValueError(f"cannot merge {shard} into {path}: its fields, image sizes or page size differ from {shards[0]}'s")
+    pointer_fields = [
+        (name, sub) for name in first.metadata_type.names
+        for sub in (first.metadata_type[name].names or ()) if sub.endswith("ptr")
+    ]
+    page = int(first.page_size)
+    num_samples = sum(int(reader.num_samples) for reader in readers)
+    metadata_start = HeaderType.itemsize + first.field_descriptors.nbytes
+    data_start = align_to_page(metadata_start + num_samples * first.metadata_type.itemsize, page)
+    partial = path.with_name(f".{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "wb") as out:
+        out.write(np.zeros(1, HeaderType).tobytes())  # rewritten last, once the table's place is known
+        out.write(first.field_descriptors.tobytes())
+        tables, sample_offset, destination = [], 0, data_start
+        for shard, reader in zip(shards, readers):
+            source_start = align_to_page(HeaderType.itemsize + reader.field_descriptors.nbytes
+                                         + int(reader.num_samples) * reader.metadata_type.itemsize, page)
+            length = int(reader.header["alloc_table_ptr"]) - source_start
+            shift = destination - source_start  # a multiple of the page size: samples keep their pages
+            metadata = reader.metadata.copy()
+            for name, sub in pointer_fields:
+                metadata[name][sub] += np.uint64(shift)
+            out.write(metadata.tobytes())
+            table = reader.alloc_table.copy()
+            table["sample_id"] += np.uint64(sample_offset)
+            table["ptr"] += np.uint64(shift)
+            tables.append((table, shard, source_start, length, destination))
+            sample_offset += int(reader.num_samples)
+            destination += length
+        out.write(bytes(data_start - out.tell()))
+        out.flush()  # the copies below write through the descriptor, past Python's buffer
+        for _, shard, source_start, length, at in tables:
+            with open(shard, "rb") as source:
+                _copy_range(source, out, source_start, at, length)
+        out.seek(destination)
+        for table, *_ in tables:
+            out.write(table.tobytes())
+        header = np.zeros(1, HeaderType)
+        header[0] = first.header
+        header["num_samples"], header["alloc_table_ptr"] = num_samples, destination
+        out.seek(0)
+        out.write(header.tobytes())
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def _layout(reader: Reader) -> tuple:
+    """What shards must share to be read as one file: fields, page size and the image sizes (raw
+    images carry theirs per sample; FFCV's decoder expects one size per file)."""
+    sizes = {
+        name: set(zip(reader.metadata[name]["width"].tolist(), reader.metadata[name]["height"].tolist()))
+        for name in reader.metadata_type.names if {"width", "height"} <= set(reader.metadata_type[name].names or ())
+    }
+    return reader.field_descriptors.tobytes(), int(reader.page_size), sizes
+
+
+def _copy_range(source, destination, source_offset: int, destination_offset: int, length: int) -> None:
+    """Copy `length` bytes between two open files in the kernel, or through a buffer where the
+    filesystem cannot (`copy_file_range` is unsupported on some, e.g. across mounts on old kernels)."""
+    done = 0
+    try:
+        while done < length:
+            copied = os.copy_file_range(
+                source.fileno(), destination.fileno(), length - done, source_offset + done, destination_offset + done
+            )
+            if copied == 0:
+                raise ValueError(f"{source.name} ended {length - done} bytes early")
+            done += copied
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        source.seek(source_offset + done)
+        destination.seek(destination_offset + done)
+        remaining = length - done
+        while remaining:
+            chunk = source.read(min(remaining, 1 << 24))
+            if not chunk:
+                raise ValueError(f"{source.name} ended {remaining} bytes early") from error
+            destination.write(chunk)
+            remaining -= len(chunk)
+
+
+class ShardRecords(Protocol):
+    """One batch's rows of one split: pixels (`images[a:b]` arrays) and an index frame, row for row."""
+
+    images: np.ndarray
+    index: pl.DataFrame  # image_id, batch_id, label
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class DatasetBuild:
+    manifest: dict[str, dict]  # split -> path, index, fingerprint, examples, batches
+    written: list[str]  # shards encoded now, as "<split>/<batch_id>"
+    encoded: int  # examples in them
+    reused: int  # shards kept from earlier builds
+    merged: list[str]  # splits whose file was rebuilt
+
+
+def build_datasets(
+    directory: Path, tag: str, shard_digests: dict[tuple[str, str], str],
+    read_shard: Callable[[str, str], ShardRecords],
+) -> DatasetBuild:
+    """The split files under `directory`, from per-batch shards.
+
+    `shard_digests` maps (split, batch_id) to a digest of exactly the rows that shard holds; `tag`
+    names the preprocessing. A shard is encoded (with `read_shard`) only when no shard of that
+    digest and tag exists, so a tick encodes only the batches it added or changed. A split's
+    `<split>.beton` is then merged from its shards in batch order (`merge_betons`: a copy, no
+    encoding) when its set of shards changed, with `<split>.index.parquet` describing it row for
+    row. Shards no longer used are removed. `manifest.json` records what was built."""
+    manifest_path = directory / "manifest.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    shard_root = directory / "shards" / tag
+    shards: dict[str, list[tuple[str, Path, Path]]] = {}
+    written, encoded = [], 0
+    for (split, batch_id), digest in sorted(shard_digests.items()):
+        beton = shard_root / split / f"{batch_id}.{digest[:16]}.beton"
+        index_path = beton.with_suffix(".index.parquet")
+        if not (beton.exists() and index_path.exists()):
+            records = read_shard(split, batch_id)
+            write_beton(beton, records.images, records.labels)
+            _write_parquet(records.index.lazy(), index_path)
+            written.append(f"{split}/{batch_id}")
+            encoded += len(records.labels)
+        shards.setdefault(split, []).append((batch_id, beton, index_path))
+    manifest, merged = {}, []
+    for split in SPLITS:
+        beton, index_path = directory / f"{split}.beton", directory / f"{split}.index.parquet"
+        parts = shards[split]
+        fingerprint = hashlib.md5(f"{tag}:{','.join(path.name for _, path, _ in parts)}".encode()).hexdigest()
+        if previous.get(split, {}).get("fingerprint") == fingerprint and beton.exists() and index_path.exists():
+            manifest[split] = previous[split]
+            continue
+        _write_parquet(pl.concat([pl.scan_parquet(path) for _, _, path in parts]), index_path)
+        merge_betons([path for _, path, _ in parts], beton)
+        manifest[split] = {
+            "path": str(beton),
+            "index": str(index_path),
+            "fingerprint": fingerprint,
+            "examples": sum(beton_length(path) for _, path, _ in parts),
+            "batches": [batch_id for batch_id, _, _ in parts],
+        }
+        merged.append(split)
+    used = {path for parts in shards.values() for _, beton, index_path in parts for path in (beton, index_path)}
+    for path in (directory / "shards").rglob("*"):
+        if path.is_file() and path not in used:  # rows changed, batch gone, or another preprocessing
+            path.unlink()
+    partial = manifest_path.with_name(f".{manifest_path.name}.partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, manifest_path)
+    return DatasetBuild(manifest, written, encoded, len(shard_digests) - len(written), merged)
+
+
+def _write_parquet(frame: pl.LazyFrame, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    frame.sink_parquet(partial)
+    os.replace(partial, path)
 
 
 def image_pipeline(device: torch.device | None = None) -> list:
@@ -113,8 +310,6 @@ def read_beton(
 
 def beton_length(path: Path) -> int:
     """How many examples a .beton holds, from its header."""
-    from ffcv.reader import Reader
-
     return int(Reader(str(path)).num_samples)
 
 

@@ -103,7 +103,7 @@ class ImageStore:
         """Every image of `pack` (`locations`: all its rows, ascending) decoded for `preprocessing`:
         read from the pack's cache file, written first if there is none."""
         stem = pack.removesuffix(".parquet")
-        path = self.root / f"{stem}.{preprocessing.resolution}px-{preprocessing.resize}-{preprocessing.mode}.npy"
+        path = self.root / f"{stem}.{preprocessing.tag}.npy"
         if not path.exists():
             self._write_decoded(path, locations, preprocessing)
         pixels = PackPixels(path)

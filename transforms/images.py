@@ -139,6 +139,11 @@ class Preprocessing:
     mode: ImageMode
 
     @property
+    def tag(self) -> str:
+        """A file-name-safe name for it, e.g. `32px-squash-grayscale`: caches and shards carry it."""
+        return f"{self.resolution}px-{self.resize}-{self.mode}"
+
+    @property
     def decode_pixels(self) -> int:
         """How many pixels to decode a large image at (`decode_image`'s fit_pixels): twice the side is
         plenty for the resize, and a photo is never expanded in full for a 32 px input."""

@@ -372,18 +372,19 @@ class Records:
         return self.index["label"].to_numpy().astype(np.int64)
 
 
-def split_fingerprints(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """A digest per split of exactly what a dataset file holds (ids, labels, image bytes), so a
-    dataset is rewritten only when its inputs changed."""
+def shard_fingerprints(connection: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], str]:
+    """A digest per split and batch of exactly what that dataset shard holds (ids, labels, image
+    bytes), so a shard is written once and again only when its rows changed."""
     rows = connection.execute(
         """
-        SELECT e.split, md5(string_agg(e.image_id || ':' || e.label || ':' || r.content_hash, ',' ORDER BY e.image_id))
+        SELECT e.split, e.batch_id,
+               md5(string_agg(e.image_id || ':' || e.label || ':' || r.content_hash, ',' ORDER BY e.image_id))
         FROM training_examples AS e
         JOIN raw_images AS r USING (image_id)
-        GROUP BY e.split
+        GROUP BY e.split, e.batch_id
         """
     ).fetchall()
-    return dict(rows)
+    return {(split, batch_id): digest for split, batch_id, digest in rows}
 
 
 def split_records(
@@ -410,10 +411,10 @@ def split_records(
 
 
 # Rows in image store order (pack by pack, ascending).
-SPLIT_INDEX = (
+SHARD_INDEX = (
     "SELECT e.image_id, e.batch_id, e.label, r.image_pack, r.image_row "
     "FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
-    "WHERE e.split = $key ORDER BY r.image_pack, r.image_row"
+    "WHERE e.split = $split AND e.batch_id = $batch ORDER BY r.image_pack, r.image_row"
 )
 BATCH_INDEX = (
     "SELECT image_id, batch_id, label, image_pack, image_row FROM raw_images "
@@ -422,9 +423,11 @@ BATCH_INDEX = (
 PACK_LOCATIONS = "SELECT image_pack, image_row, content_hash FROM raw_images WHERE image_pack = $pack ORDER BY image_row"
 
 
-def split_pixels(connection: duckdb.DuckDBPyConnection, split: str, preprocessing: Preprocessing) -> Records:
-    """One whole split of `training_examples`, read an image at a time (see `_decoded`)."""
-    return _decoded(connection, connection.execute(SPLIT_INDEX, {"key": split}).pl(), preprocessing)
+def shard_pixels(
+    connection: duckdb.DuckDBPyConnection, split: str, batch_id: str, preprocessing: Preprocessing
+) -> Records:
+    """One batch's rows of one split of `training_examples`, read a few images at a time (see `_decoded`)."""
+    return _decoded(connection, connection.execute(SHARD_INDEX, {"split": split, "batch": batch_id}).pl(), preprocessing)
 
 
 def batch_pixels(connection: duckdb.DuckDBPyConnection, batch_id: str, preprocessing: Preprocessing) -> Records:
