@@ -40,6 +40,10 @@ defs = dg.Definitions(
     jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job, full_loop_job],
     sensors=[landing_sensor, transform_on_ingestion, monitoring_sensor, drift_sensor, run_failure_recorder],
     schedules=[retraining_schedule],
+    # Every job is a chain of steps, so a process per step (Dagster's default) runs nothing in
+    # parallel and costs a code load per step: importing torch, Lightning and FFCV (which compiles
+    # with numba on import) takes seconds. Training and dbt still run as their own processes.
+    executor=dg.in_process_executor,
     resources={
         "flywheel": flywheel,
         "compute": TrainingCompute(),
