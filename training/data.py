@@ -114,8 +114,8 @@ def merge_betons(shards: list[Path], path: Path) -> Path:
         out.write(first.field_descriptors.tobytes())
         tables, sample_offset, destination = [], 0, data_start
         for shard, reader in zip(shards, readers):
-            source_start = align_to_page(HeaderType.itemsize + reader.field_descriptors.nbytes
-                                         + int(reader.num_samples) * reader.metadata_type.itemsize, page)
+            # Same fields as the first shard (checked above), so the same metadata start.
+            source_start = align_to_page(metadata_start + int(reader.num_samples) * first.metadata_type.itemsize, page)
             length = int(reader.header["alloc_table_ptr"]) - source_start
             shift = destination - source_start  # a multiple of the page size: samples keep their pages
             metadata = reader.metadata.copy()
