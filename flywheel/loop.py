@@ -212,7 +212,7 @@ def run_tick(
         report.candidate = {"evaluation": result.output_for_node("model_evaluation"), "failed_gates": failed_gates}
         if "evaluation_gate" not in failed_gates:
             report.candidate["export"] = result.output_for_node("exported_model")
-        # A new champion's view of every batch: the drift history follows the champion.
+        # The new champion's view of the batches it did not train on: the drift history follows the champion.
         monitor(report.drift_after)
     after = registry.champion()
     report.champion_after = after.version if after else None

@@ -41,17 +41,23 @@ transform_on_ingestion = dg.AutomationConditionSensorDefinition(
     job=monitor_job,
     minimum_interval_seconds=30,
     default_status=SENSOR_STATUS,
-    description="Requests a drift report for every batch ingested (and transformed by dbt) whose latest report is "
-    "older than its ingestion or was made against another champion.",
+    description="Requests a drift report for every batch ingested (and transformed by dbt) that the champion did "
+    "not train on, whose latest report is older than its ingestion or was made against another champion.",
 )
 def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult | dg.SkipReason:
     champion = Registry(flywheel.registry).champion()
     if champion is None:
         return dg.SkipReason("no champion yet: drift is measured against the champion's training data")
+    # A batch the champion trained on is part of its reference: a report would compare it with itself,
+    # and the policy ignores it. Skipping them keeps a promotion's monitoring to the batches since the
+    # champion's training, instead of the whole history.
+    trained_on = set(champion.card().lineage.training_batches)
     transformed_at = latest_timestamp(context.instance, "batch_image_stats")
     run_config = run_settings(flywheel, monitor_job.name)
     requests = []
     for batch_id in context.instance.get_dynamic_partitions("batches"):
+        if batch_id in trained_on:
+            continue
         ingested_at = latest_timestamp(context.instance, "raw_images", batch_id)
         if not 0 < ingested_at <= transformed_at:
             continue

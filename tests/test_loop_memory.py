@@ -174,3 +174,16 @@ def test_a_drift_reported_while_a_retraining_runs_is_answered_after_it(home: Pat
     answered = evaluate()
     assert len(answered.run_requests) == 1
     assert "batch new drifted" in answered.run_requests[0].tags[REASON_TAG]
+
+
+def test_monitoring_reports_only_the_batches_the_champion_did_not_train_on(home: Path):
+    """A promotion re-reports the batches since the champion's training, not the whole history."""
+    instance = dg.DagsterInstance.ephemeral()
+    champion_with_drift_report(home, instance)  # trained on "old"; "new" has no report in the instance
+    instance.add_dynamic_partitions("batches", ["old"])
+    for batch in ("old", "new"):
+        instance.report_runless_asset_event(dg.AssetMaterialization("raw_images", partition=batch))
+    instance.report_runless_asset_event(dg.AssetMaterialization("batch_image_stats"))
+    with dg.build_sensor_context(instance=instance, resources={"flywheel": FlywheelHome(home=str(home))}) as context:
+        result = monitoring_sensor(context)
+    assert [request.partition_key for request in result.run_requests] == ["new"]
