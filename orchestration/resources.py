@@ -55,6 +55,12 @@ class FlywheelHome(dg.ConfigurableResource):
         return self.root / "warehouse.duckdb"
 
     @property
+    def dbt_target(self) -> Path:
+        """dbt's artifacts and logs for this data root: one folder, reused by every build, so its partial
+        parse (made for this root's warehouse path) is reused too and nothing accumulates."""
+        return self.root / "dbt"
+
+    @property
     def ffcv(self) -> Path:
         return self.root / "ffcv"
 
