@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def _run_locked(args: argparse.Namespace, flywheel: FlywheelHome) -> None:
     from orchestration.definitions import defs
     from orchestration.instance import get_instance, process_tags
-    from flywheel.loop import failure_message, recover_abandoned_runs, run_tick
+    from flywheel.loop import TickFailed, failure_message, recover_abandoned_runs, run_tick
     from training.registry import Registry
     from flywheel.summary import print_tick_summary
 
@@ -100,7 +100,10 @@ def _run_locked(args: argparse.Namespace, flywheel: FlywheelHome) -> None:
             raise UserError(f"materializing {args.select!r} failed: {failure_message(result)}")
         print(f"materialized {', '.join(sorted(k.to_user_string() for k in keys))}")
         return
-    report = run_tick(defs, instance, flywheel)
+    try:
+        report = run_tick(defs, instance, flywheel)
+    except TickFailed as error:
+        raise UserError(str(error)) from None
     print_tick_summary(report, flywheel)
     if report.failed:
         sys.exit(1)
@@ -217,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from flywheel.loop import TickFailed
+    # Only what every command may raise: the Dagster definitions load with `flywheel run` alone.
     from flywheel.run_lock import RunInProgress
     from orchestration.project import SettingsError
     from training.registry import RegistryError
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.handler(args)
-    except (UserError, TickFailed, RunInProgress, RegistryError, LandingFileError, SettingsError, FileNotFoundError) as error:
+    except (UserError, RunInProgress, RegistryError, LandingFileError, SettingsError, FileNotFoundError) as error:
         print(f"flywheel {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,11 +1,17 @@
 """What `flywheel run` and `flywheel status` print."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import polars as pl
 
 from orchestration.io_manager import stored_values
-from flywheel.loop import TickReport
 from orchestration.resources import FlywheelHome
 from training.registry import Registry
+
+if TYPE_CHECKING:  # `flywheel status` loads no Dagster definitions
+    from flywheel.loop import TickReport
 
 
 def _table(rows: list[dict]) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
-import torch
 
 from orchestration.project import Project, load_project
 from transforms.images import Preprocessing
@@ -117,6 +116,8 @@ class TrainingCompute(dg.ConfigurableResource):
     def processes_per_node(self) -> int:
         if self.devices != "auto":
             return int(self.devices)
+        import torch  # here, not at the top: loading the definitions and the CLI needs no torch
+
         if self.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
             return torch.cuda.device_count()
         return 1

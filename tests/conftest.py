@@ -86,7 +86,7 @@ def model_card(
     """A complete, valid model card with plausible figures, for versions the tests publish by hand."""
     from training.card import CardGates, CardMetrics, ExportSummary, GateVerdict, InputSpec, Lineage, ModelCard
     from training.config import ModelConfig
-    from training.export import ExportGatePolicy
+    from training.results import ExportGatePolicy
     from training.gate import GateDecision
 
     passed = GateDecision(passed=True, reasons=["published by a test"], model="fp32")

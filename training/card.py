@@ -13,9 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from training.config import ModelConfig
-from training.evaluate import Metrics
-from training.export import ExportGatePolicy, ExportReport, RecipeTrial
 from training.gate import GateDecision
+from training.results import ExportGatePolicy, ExportReport, Metrics, RecipeTrial
 
 
 class InputSpec(BaseModel, frozen=True):

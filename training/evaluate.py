@@ -3,7 +3,7 @@ candidate against the champion on the same test images through the promotion gat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -13,20 +13,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from training.gate import GateDecision, GatePolicy, ModelAnswers, promotion_decision
-
-
-@dataclass(frozen=True)
-class Metrics:
-    count: int
-    accuracy: float
-    macro_f1: float
-    ece: float
-    per_class: list[dict] = field(default_factory=list)
-    confusion: list[list[int]] = field(default_factory=list)
-    slices: dict[str, dict] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from training.results import Metrics
 
 
 def classification_metrics(

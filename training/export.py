@@ -31,6 +31,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from training.evaluate import TestSet
 from training.inference import forward_batch, onnx_latency_ms, onnx_session, predict_onnx, predict_torch
 from training.model import ImageClassifier
+from training.results import ExportGatePolicy, ExportReport, RecipeTrial
 
 ONNX_OPSET = 18
 
@@ -234,15 +235,6 @@ def quantize_int8(fp32_path: Path, calibration_images: np.ndarray, path: Path,
     return path
 
 
-@dataclass(frozen=True)
-class RecipeTrial:
-    recipe: str
-    accuracy: float
-    latency_ms_batch64: float
-    bytes: int
-    passed_accuracy_gate: bool
-
-
 def _trial(
     fp32_path: Path, calibration_images: np.ndarray, test: TestSet, timing_images: np.ndarray,
     recipe: QuantizationRecipe, fp32_accuracy: float, max_accuracy_drop: float, path: Path,
@@ -286,28 +278,6 @@ def choose_int8(
     return chosen, [trial for trial, _ in results], True
 
 
-@dataclass(frozen=True)
-class ExportReport:
-    fp32_path: str
-    int8_path: str
-    fp32_bytes: int
-    int8_bytes: int
-    parity_max_abs_diff: float
-    fp32_accuracy: float
-    int8_accuracy: float
-    int8_recipe: str
-    recipe_trials: list[RecipeTrial]
-    int8_recipe_searched: bool  # False: the recipe remembered for this architecture and machine was reused
-
-    @property
-    def size_ratio(self) -> float:
-        return self.int8_bytes / self.fp32_bytes
-
-    @property
-    def accuracy_drop(self) -> float:
-        return self.fp32_accuracy - self.int8_accuracy
-
-
 def export_candidate(
     network: ImageClassifier, resolution: int, calibration_images: np.ndarray, test: TestSet,
     directory: Path, max_accuracy_drop: float, recipe_memory: RecipeMemory | None = None,
@@ -339,15 +309,6 @@ def export_candidate(
         recipe_trials=trials,
         int8_recipe_searched=searched,
     )
-
-
-@dataclass(frozen=True)
-class ExportGatePolicy:
-    """The export gate's limits; their defaults live in `orchestration.assets.deployment.ExportConfig`."""
-
-    max_accuracy_drop: float  # int8 may lose at most this much top-1 accuracy against fp32
-    max_size_ratio: float  # int8 file at most this fraction of the fp32 file
-    max_parity_diff: float  # largest |torch logit - ONNX fp32 logit|
 
 
 def export_gate(report: ExportReport, policy: ExportGatePolicy) -> tuple[bool, list[str]]:

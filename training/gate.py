@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel
-from scipy.stats import binomtest
-from statsmodels.stats.multitest import multipletests
 
 BOOTSTRAP_RESAMPLES = 20_000
 
@@ -125,6 +123,10 @@ def compare_slices(
     labels: np.ndarray, batches: np.ndarray, candidate: np.ndarray, champion: np.ndarray, policy: GatePolicy
 ) -> list[SliceComparison]:
     """Each batch and each class: exact one-sided McNemar on the discordant pairs, Holm across slices."""
+    # Imported here: the decision's types are part of the model card, which loads without scipy.
+    from scipy.stats import binomtest
+    from statsmodels.stats.multitest import multipletests
+
     candidate_right, champion_right = candidate == labels, champion == labels
     members = [(f"batch {b}", batches == b) for b in sorted(set(batches.tolist()))]
     members += [(f"class {c}", labels == c) for c in sorted(set(labels.tolist()))]

@@ -16,13 +16,15 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnxruntime as ort
 from pydantic import ValidationError
 from safetensors import safe_open
 
 from training.card import ModelCard
-from training.inference import onnx_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 VERSION_PATTERN = re.compile(r"v(\d{4,})")
 FP32_FILE = "model.onnx"
@@ -69,6 +71,9 @@ class ModelVersion:
 
     def inference_session(self, file: str = INT8_FILE) -> ort.InferenceSession:
         """An ONNX Runtime session on one of the version's models, checked against the ONNX contract."""
+        # Imported here: reading the registry (cards, the champion pointer) needs no ONNX Runtime.
+        from training.inference import onnx_session
+
         path = self.path / file
         try:
             session = onnx_session(path)

@@ -5,7 +5,6 @@ import polars as pl
 
 from orchestration.metadata import markdown_table
 from orchestration.resources import FlywheelHome
-from training.data import SPLITS, build_datasets
 from transforms import warehouse
 
 
@@ -18,6 +17,8 @@ from transforms import warehouse
     pool="warehouse",
 )
 def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.Output[dict]:
+    from training.data import SPLITS, build_datasets  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+
     preprocessing = flywheel.preprocessing
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         classes = warehouse.stored_classes(connection)

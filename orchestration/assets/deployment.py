@@ -4,6 +4,7 @@ to champion only when the evaluation gate and the export gate both passed."""
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -13,15 +14,12 @@ from orchestration.metadata import code_version, inputs_fingerprint, markdown_ta
 from orchestration.resources import FlywheelHome
 from training.card import GateVerdict, Lineage, build_card
 from training.config import ModelConfig
-from training.data import read_beton
-from training.evaluate import Metrics, TestSet, evaluate_models
-from training.export import (
-    ExportGatePolicy, RecipeMemory, calibration_indices, calibration_size, export_candidate, export_gate,
-)
 from training.gate import GateDecision, GatePolicy
-from training.inference import load_classifier, onnx_session, predict_onnx
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
-from training.tracking import log_model_artifact
+from training.results import ExportGatePolicy, Metrics
+
+if TYPE_CHECKING:
+    from training.export import RecipeMemory
 
 
 class ExportConfig(dg.Config):
@@ -51,6 +49,9 @@ def exported_model(
     trained_model: dict,
     model_evaluation: dict,
 ) -> dg.Output[dict]:
+    from training.export import RecipeMemory  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.tracking import log_model_artifact
+
     registry = Registry(flywheel.registry)
     # Same training attempt and same export settings -> the same files: the version published from
     # them is the answer, so a re-run (or a retry after a crash) publishes nothing new.
@@ -96,9 +97,14 @@ def exported_model(
 
 
 def _export_and_publish(
-    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, recipe_memory: RecipeMemory,
+    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, recipe_memory: "RecipeMemory",
     fingerprint: str, ffcv_datasets: dict, trained_model: dict, model_evaluation: dict,
 ) -> ModelVersion:
+    from training.data import read_beton
+    from training.evaluate import TestSet, evaluate_models
+    from training.export import calibration_indices, calibration_size, export_candidate, export_gate
+    from training.inference import load_classifier, onnx_session, predict_onnx
+
     model_config = ModelConfig.model_validate(trained_model["model"])
     network = load_classifier(Path(trained_model["weights_path"]), model_config)
     validation = ffcv_datasets["splits"]["val"]

@@ -9,10 +9,9 @@ import polars as pl
 from orchestration.metadata import markdown_image, markdown_table
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
-from training.evaluate import Metrics, TestSet, confusion_matrix_png, evaluate_models
 from training.gate import GateDecision, GatePolicy
-from training.inference import load_classifier, predict_onnx, predict_torch
 from training.registry import FP32_FILE, Registry
+from training.results import Metrics
 
 
 class GateConfig(dg.Config):
@@ -46,6 +45,9 @@ def model_evaluation(
     ffcv_datasets: dict,
     trained_model: dict,
 ) -> dg.Output[dict]:
+    from training.evaluate import TestSet, confusion_matrix_png, evaluate_models  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.inference import load_classifier, predict_onnx, predict_torch
+
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
     model_config = ModelConfig.model_validate(trained_model["model"])

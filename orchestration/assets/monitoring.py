@@ -14,9 +14,7 @@ from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
 from training.card import ModelCard
 from transforms.images import served_preprocessing
-from training.inference import embed_and_predict, load_classifier, predict_onnx
 from training.registry import ModelVersion, Registry
-from training.tracking import log_monitoring
 from transforms import warehouse
 from transforms.drift import DriftPolicy, dataset_drift, embedding_drift, prediction_drift
 from transforms.images import DRIFT_FEATURES
@@ -34,6 +32,8 @@ class DriftConfig(dg.Config):
 def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The champion's embeddings and predictions on a sample of its training images, computed once
     per champion and kept beside the monitoring reports (plain .npy, never pickled)."""
+    from training.inference import embed_and_predict, load_classifier  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+
     folder = flywheel.root / "monitoring" / champion.version
     embeddings_path, predictions_path = folder / "reference_embeddings.npy", folder / "reference_predictions.npy"
     if embeddings_path.exists() and predictions_path.exists():
@@ -64,6 +64,9 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, 
 def drift_report(
     context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome,
 ):
+    from training.inference import embed_and_predict, load_classifier, predict_onnx  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.tracking import log_monitoring
+
     batch_id = context.partition_key
     champion = Registry(flywheel.registry).champion()
     if champion is None:
