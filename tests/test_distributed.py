@@ -10,9 +10,8 @@ import numpy as np
 import hashlib
 
 from orchestration.resources import TrainingCompute
-from training.config import ComputeConfig, FitConfig, ModelConfig, OptimConfig
+from training.config import RESULT_FILE, ComputeConfig, FitConfig, ModelConfig, OptimConfig
 from training.distributed_run import FAILURE_FILE_ENV
-from training.fit import RESULT_FILE
 from training.tracking import find_offline_run, read_offline_run
 
 

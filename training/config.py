@@ -48,6 +48,10 @@ class OptimConfig(BaseModel):
     seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
 
 
+# What `training.fit` writes into `FitConfig.run_dir` when rank 0 finishes; the orchestrator reads it.
+RESULT_FILE = "result.json"
+
+
 class FitConfig(BaseModel):
     """Everything `training.fit` needs; written to JSON by the orchestrator, read by every rank."""
 

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import save_file
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from training.config import ComputeConfig, FitConfig
+from training.config import RESULT_FILE, ComputeConfig, FitConfig
 from training.data import FFCVDataModule
 from training.distributed_run import die_with_parent
 from training.model import LitClassifier
@@ -33,7 +33,6 @@ from training.inference import load_weights
 from training.tracking import wandb_mode
 
 WEIGHTS_FILE = "weights.safetensors"
-RESULT_FILE = "result.json"
 
 
 @dataclass(frozen=True)

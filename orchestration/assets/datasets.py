@@ -17,7 +17,7 @@ from transforms import warehouse
     pool="warehouse",
 )
 def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.Output[dict]:
-    from training.data import SPLITS, build_datasets  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.data import SPLITS, build_datasets  # heavy: imported by the runs that use it (orchestration/__init__.py)
 
     preprocessing = flywheel.preprocessing
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:

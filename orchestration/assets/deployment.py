@@ -49,7 +49,7 @@ def exported_model(
     trained_model: dict,
     model_evaluation: dict,
 ) -> dg.Output[dict]:
-    from training.export import RecipeMemory  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.export import RecipeMemory  # heavy: imported by the runs that use it (orchestration/__init__.py)
     from training.tracking import log_model_artifact
 
     registry = Registry(flywheel.registry)

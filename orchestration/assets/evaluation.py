@@ -45,7 +45,7 @@ def model_evaluation(
     ffcv_datasets: dict,
     trained_model: dict,
 ) -> dg.Output[dict]:
-    from training.evaluate import TestSet, confusion_matrix_png, evaluate_models  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.evaluate import TestSet, confusion_matrix_png, evaluate_models  # heavy: imported by the runs that use it (orchestration/__init__.py)
     from training.inference import load_classifier, predict_onnx, predict_torch
 
     test_split = ffcv_datasets["splits"]["test"]

@@ -32,7 +32,7 @@ class DriftConfig(dg.Config):
 def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """The champion's embeddings and predictions on a sample of its training images, computed once
     per champion and kept beside the monitoring reports (plain .npy, never pickled)."""
-    from training.inference import embed_and_predict, load_classifier  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.inference import embed_and_predict, load_classifier  # heavy: imported by the runs that use it (orchestration/__init__.py)
 
     folder = flywheel.root / "monitoring" / champion.version
     embeddings_path, predictions_path = folder / "reference_embeddings.npy", folder / "reference_predictions.npy"
@@ -64,7 +64,7 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, 
 def drift_report(
     context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome,
 ):
-    from training.inference import embed_and_predict, load_classifier, predict_onnx  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
+    from training.inference import embed_and_predict, load_classifier, predict_onnx  # heavy: imported by the runs that use it (orchestration/__init__.py)
     from training.tracking import log_monitoring
 
     batch_id = context.partition_key

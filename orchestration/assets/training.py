@@ -10,7 +10,7 @@ from pydantic import Field
 
 from orchestration.metadata import inputs_fingerprint
 from orchestration.resources import FlywheelHome, TrainingCompute
-from training.config import FitConfig, ModelConfig, OptimConfig
+from training.config import RESULT_FILE, FitConfig, ModelConfig, OptimConfig
 from training.distributed_run import FAILURE_FILE_ENV
 from training.registry import Registry
 
@@ -59,8 +59,6 @@ def trained_model(
     compute: TrainingCompute,
     ffcv_datasets: dict,
 ) -> dg.Output[dict]:
-    from training.fit import RESULT_FILE  # torch, Lightning, FFCV, ONNX Runtime and W&B load with the runs that use them (orchestration/__init__.py)
-
     champion = Registry(flywheel.registry).champion()
     model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"])
     optim = config.optim()
