@@ -20,5 +20,8 @@ def test_the_definitions_load_without_the_training_stack():
 
 
 def test_status_and_help_load_without_dagster_definitions_or_the_training_stack(tmp_path):
-    code = f"from flywheel.summary import print_status; from orchestration.resources import FlywheelHome; print_status(FlywheelHome(home={str(tmp_path)!r}))"
+    code = (
+        "from flywheel.cli import build_parser; build_parser().format_help()\n"
+        f"from flywheel.summary import print_status; from orchestration.resources import FlywheelHome; print_status(FlywheelHome(home={str(tmp_path)!r}))"
+    )
     assert modules_loaded_by(code) == []

@@ -4,7 +4,6 @@ to champion only when the evaluation gate and the export gate both passed."""
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -17,9 +16,6 @@ from training.config import ModelConfig
 from training.gate import GateDecision, GatePolicy
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
 from training.results import ExportGatePolicy, Metrics
-
-if TYPE_CHECKING:
-    from training.export import RecipeMemory
 
 
 class ExportConfig(dg.Config):
@@ -49,8 +45,7 @@ def exported_model(
     trained_model: dict,
     model_evaluation: dict,
 ) -> dg.Output[dict]:
-    from training.export import RecipeMemory  # heavy: imported by the runs that use it (orchestration/__init__.py)
-    from training.tracking import log_model_artifact
+    from training.tracking import log_model_artifact  # heavy: imported by the runs that use it (orchestration/__init__.py)
 
     registry = Registry(flywheel.registry)
     # Same training attempt and same export settings -> the same files: the version published from
@@ -62,7 +57,7 @@ def exported_model(
         context.log.info(f"{version.version} was exported from these same inputs already; publishing nothing new")
     else:
         version = _export_and_publish(
-            context, config, registry, RecipeMemory(flywheel.int8_recipes), fingerprint, ffcv_datasets, trained_model, model_evaluation,
+            context, config, registry, flywheel.int8_recipes, fingerprint, ffcv_datasets, trained_model, model_evaluation,
         )
         artifact_run = log_model_artifact(version.path, version.version, version.card(), flywheel.root)
     card = version.card()
@@ -97,12 +92,12 @@ def exported_model(
 
 
 def _export_and_publish(
-    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, recipe_memory: "RecipeMemory",
+    context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, int8_recipes: Path,
     fingerprint: str, ffcv_datasets: dict, trained_model: dict, model_evaluation: dict,
 ) -> ModelVersion:
     from training.data import read_beton
     from training.evaluate import TestSet, evaluate_models
-    from training.export import calibration_indices, calibration_size, export_candidate, export_gate
+    from training.export import RecipeMemory, calibration_indices, calibration_size, export_candidate, export_gate
     from training.inference import load_classifier, onnx_session, predict_onnx
 
     model_config = ModelConfig.model_validate(trained_model["model"])
@@ -118,7 +113,7 @@ def _export_and_publish(
 
     staging = registry.staging_dir(context.run_id)
     report = export_candidate(
-        network, model_config.resolution, calibration_images, test, staging, config.max_accuracy_drop, recipe_memory,
+        network, model_config.resolution, calibration_images, test, staging, config.max_accuracy_drop, RecipeMemory(int8_recipes),
     )
     passed, reasons = export_gate(report, config.policy())
     # The model users get is the int8 file: it faces the champion's int8 file by the evaluation gate's rules.
