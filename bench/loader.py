@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from training.config import ModelConfig
 from training.data import _ArrayDataset, make_loader, merge_betons, write_beton
-from training.model import ImageClassifier
+from training.backbones import build_network
 from transforms.simulate import digits_pool
 
 
@@ -120,7 +120,7 @@ def in_memory(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
 
 
 def training_throughput(batch_size: int, steps: int = 8) -> float:
-    network = ImageClassifier(ModelConfig())
+    network = build_network(ModelConfig())
     optimizer = torch.optim.AdamW(network.parameters())
     batch = torch.randint(0, 255, (batch_size, 32, 32, 3), dtype=torch.uint8)
     target = torch.randint(0, 10, (batch_size,))

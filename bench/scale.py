@@ -128,13 +128,13 @@ def _network(home: Path, dataset: str):
     import torch
 
     from training.config import ModelConfig
-    from training.model import ImageClassifier
+    from training.backbones import build_network
     from transforms import warehouse
 
     with warehouse.connect(home / "warehouse.duckdb", read_only=True) as connection:
         classes = len(warehouse.stored_classes(connection))
     torch.manual_seed(0)
-    return ImageClassifier(ModelConfig(num_classes=classes, resolution=preprocessing_of(dataset).resolution)).eval()
+    return build_network(ModelConfig(num_classes=classes, resolution=preprocessing_of(dataset).resolution)).eval()
 
 
 def _reference(home: Path, dataset: str, training_batches: list[str]) -> np.ndarray:

@@ -68,6 +68,11 @@ class FlywheelHome(dg.ConfigurableResource):
         return self.root / "checkpoints"
 
     @property
+    def pretrained(self) -> Path:
+        """The user's pretrained checkpoints (`trained_model`'s `pretrained` is relative to it)."""
+        return self.root / "pretrained"
+
+    @property
     def registry(self) -> Path:
         return self.root / "registry"
 

@@ -6,12 +6,16 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import hashlib
+
+import numpy as np
+import pytest
 
 from orchestration.resources import TrainingCompute
 from training.config import RESULT_FILE, ComputeConfig, FitConfig, ModelConfig, OptimConfig
+from training.data import write_beton
 from training.distributed_run import FAILURE_FILE_ENV
+from training.inference import load_classifier, predict_torch
 from training.tracking import find_offline_run, read_offline_run
 
 
@@ -24,9 +28,18 @@ def launch(compute: TrainingCompute, config: FitConfig, tmp_path: Path) -> dict:
 
 
 def test_ddp_with_two_cpu_processes_shards_the_data_and_learns_as_well(digits_splits: dict, tmp_path: Path):
+    # An odd validation split: two ranks cannot hold equal halves, so a padded duplicate would show.
+    betons = tmp_path / "betons"
+    betons.mkdir()
+    for split in ("train", "test"):
+        (betons / f"{split}.beton").symlink_to(digits_splits["dir"] / f"{split}.beton")
+    val_images = np.concatenate([digits_splits["images"]["val"], digits_splits["images"]["test"][:1]])
+    val_labels = np.concatenate([digits_splits["labels"]["val"], digits_splits["labels"]["test"][:1]])
+    write_beton(betons / "val.beton", val_images, val_labels)
+
     def config(name: str, compute: TrainingCompute, batch_size: int) -> FitConfig:
         return FitConfig(
-            beton_dir=digits_splits["dir"], run_dir=tmp_path / name, wandb_save_dir=tmp_path, run_name=name,
+            beton_dir=betons, run_dir=tmp_path / name, wandb_save_dir=tmp_path, run_name=name,
             model=ModelConfig(width=16), optim=OptimConfig(epochs=10, batch_size=batch_size),
             compute=ComputeConfig(**compute.compute_config()), audit_examples=True,
         )
@@ -51,6 +64,11 @@ def test_ddp_with_two_cpu_processes_shards_the_data_and_learns_as_well(digits_sp
     assert set(rank0) | set(rank1) <= set(train_digests)
     assert ddp["val_accuracy"] >= single["val_accuracy"] - 0.05, (ddp, single)
     assert ddp["val_accuracy"] >= 0.85
+    # Exact validation under DDP: the two ranks' 51 + 50 examples, each counted once, give the
+    # accuracy of the same weights on the whole split in one process.
+    network = load_classifier(Path(ddp["weights_path"]), ModelConfig(width=16))
+    in_one_process = float((predict_torch(network, val_images).argmax(axis=1) == val_labels).mean())
+    assert ddp["val_accuracy"] == pytest.approx(in_one_process, abs=1e-6), (ddp["val_accuracy"], in_one_process)
 
 
 def test_the_offline_wandb_run_holds_config_history_and_summary(trained_weights: Path):

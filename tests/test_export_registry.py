@@ -10,7 +10,7 @@ from training.config import ModelConfig
 from training.inference import load_classifier, onnx_session, predict_onnx
 from training.data import read_beton
 from training import evaluate
-from training.model import ImageClassifier
+from training.backbones import build_network
 from orchestration.assets.deployment import ExportConfig
 from training.export import (
     CANDIDATE_RECIPES, RECIPES_BY_NAME, RecipeMemory, calibration_indices, choose_int8, export_candidate, export_fp32, export_gate,
@@ -68,7 +68,7 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
     assert RecipeMemory.key(tmp_path / "model.onnx") == key
     wider = tmp_path / "wider"
     wider.mkdir()
-    assert RecipeMemory.key(export_fp32(ImageClassifier(ModelConfig(width=48)).eval(), 32, wider / "model.onnx")) != key
+    assert RecipeMemory.key(export_fp32(build_network(ModelConfig(width=48)).eval(), 32, wider / "model.onnx")) != key
     chosen, trials, searched_again = choose_int8(
         folder / "model.onnx", digits_splits["images"]["val"], digits_test(digits_splits), searched.fp32_accuracy,
         -1.0, tmp_path / "refused.int8.onnx", recipes=CANDIDATE_RECIPES[:2], remembered=CANDIDATE_RECIPES[3],

@@ -16,7 +16,7 @@ from training import evaluate
 from training.evaluate import classification_metrics
 from training.inference import load_classifier, predict_torch
 from training.fit import fit, resolve_precision
-from training.model import ImageClassifier
+from training.backbones import build_network
 
 
 def test_beton_round_trip_keeps_pixels_and_labels(digits_splits: dict):
@@ -31,7 +31,7 @@ def test_the_test_set_streams_from_the_beton_a_batch_at_a_time_and_checks_its_in
     pl.DataFrame({"label": labels, "batch_id": [f"b{i % 3}" for i in range(len(labels))]}).write_parquet(index)
     test = evaluate.TestSet.load(beton, index)
     assert [len(batch) for batch in test.image_batches(32)] == [32, 32, 32, len(labels) - 96]
-    network = ImageClassifier(ModelConfig(width=8)).eval()
+    network = build_network(ModelConfig(width=8)).eval()
     streamed, doubled = test.logits(lambda images: predict_torch(network, images), lambda images: 2 * predict_torch(network, images), batch_size=32)
     np.testing.assert_allclose(streamed, predict_torch(network, digits_splits["images"]["test"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(doubled, 2 * streamed, rtol=1e-6)
@@ -43,7 +43,7 @@ def test_the_test_set_streams_from_the_beton_a_batch_at_a_time_and_checks_its_in
 
 
 def test_network_takes_uint8_nhwc_and_returns_logits():
-    network = ImageClassifier(ModelConfig(width=8, num_classes=7, resolution=16)).eval()
+    network = build_network(ModelConfig(width=8, num_classes=7, resolution=16)).eval()
     logits = network(torch.zeros((3, 16, 16, 3), dtype=torch.uint8))
     assert logits.shape == (3, 7) and logits.dtype == torch.float32
 
@@ -51,8 +51,8 @@ def test_network_takes_uint8_nhwc_and_returns_logits():
 def test_a_warm_start_keeps_the_shared_layers_and_grows_the_head_for_a_new_class():
     from training.fit import warm_start
 
-    champion = ImageClassifier(ModelConfig(width=8, num_classes=2, resolution=16))
-    grown = ImageClassifier(ModelConfig(width=8, num_classes=3, resolution=16))
+    champion = build_network(ModelConfig(width=8, num_classes=2, resolution=16))
+    grown = build_network(ModelConfig(width=8, num_classes=3, resolution=16))
     fresh = warm_start(grown, champion.state_dict())
     assert fresh == ["head.bias", "head.weight"]
     shared = [name for name in champion.state_dict() if not name.startswith("head.")]

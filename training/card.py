@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from training.config import ModelConfig
+from training.config import AugmentConfig, ModelConfig
 from training.gate import GateDecision
 from training.results import ExportGatePolicy, ExportReport, Metrics, RecipeTrial
 
@@ -101,6 +101,7 @@ class ModelCard(BaseModel, frozen=True):
     input: InputSpec
     output: OutputSpec = OutputSpec()
     model: ModelConfig
+    augment: AugmentConfig | None = None  # the training recipe (cards before recipes have none)
     metrics: CardMetrics
     export: ExportSummary
     gates: CardGates
@@ -116,7 +117,7 @@ class ModelCard(BaseModel, frozen=True):
 def build_card(
     model: ModelConfig, class_names: list[str], resize: str, mode: str, candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
     evaluation_gate: GateDecision, export_gate: GateVerdict, served_ece: float, served_gate: GateDecision,
-    lineage: Lineage,
+    lineage: Lineage, augment: AugmentConfig,
 ) -> ModelCard:
     """The card of a candidate exported to ONNX: what it is, how it scored, and what the gates said."""
     return ModelCard(
@@ -124,6 +125,7 @@ def build_card(
         class_names=class_names,
         input=InputSpec(height=model.resolution, width=model.resolution, resize=resize, mode=mode),
         model=model,
+        augment=augment,
         metrics=CardMetrics(
             test_accuracy=candidate.accuracy,
             test_macro_f1=candidate.macro_f1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ComputeConfig(BaseModel):
@@ -26,14 +26,56 @@ class ComputeConfig(BaseModel):
     num_workers: int = Field(2, ge=1, description="FFCV loader threads per process.")
 
 
+# Backbones by name: (library, the library's name). Any other network of either library is
+# `timm/<name>` or `torchvision/<name>`.
+BACKBONES: dict[str, tuple[str, str]] = {
+    "resnet_small": ("flywheel", "resnet_small"),  # a ResNet-8 with a stride-1 stem, for 8-64 px
+    "resnet18": ("torchvision", "resnet18"),
+    "resnet50": ("torchvision", "resnet50"),
+    "mobilenetv3_small": ("torchvision", "mobilenet_v3_small"),
+    "mobilenetv3_large": ("torchvision", "mobilenet_v3_large"),
+    "efficientnet_b0": ("timm", "efficientnet_b0"),
+    "convnext_tiny": ("timm", "convnext_tiny"),
+    "regnety_008": ("timm", "regnety_008"),
+}
+
+
+def backbone_source(backbone: str) -> tuple[str, str]:
+    """(library, name) of a backbone: a catalogue name, or `timm/<name>` / `torchvision/<name>`."""
+    if backbone in BACKBONES:
+        return BACKBONES[backbone]
+    library, _, name = backbone.partition("/")
+    if library in ("timm", "torchvision") and name:
+        return library, name
+    raise ValueError(
+        f"unknown backbone {backbone!r}: one of {', '.join(BACKBONES)}, or timm/<name> or torchvision/<name>"
+    )
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backbone: Literal["resnet_small"] = Field("resnet_small", description="The network: a small ResNet for small images.")
-    width: int = Field(32, ge=4, description="Channels of the first ResNet stage; later stages double it.")
-    blocks_per_stage: int = Field(1, ge=1, description="Residual blocks in each of the three stages (1: ResNet-8).")
+    backbone: str = Field(
+        "resnet_small",
+        description=f"The network: {', '.join(BACKBONES)}, or any timm/<name> or torchvision/<name>. "
+        "resnet_small suits images up to ~64 px; the others are the standard ImageNet backbones.",
+    )
+    pretrained: Path | None = Field(
+        None,
+        description="A published checkpoint of the backbone's library (.safetensors, or .pth) to start from; "
+        "its classifier is replaced by the project's head. Nothing is downloaded: a missing file says what to fetch.",
+    )
+    width: int = Field(32, ge=4, description="resnet_small: channels of the first stage; later stages double it.")
+    blocks_per_stage: int = Field(1, ge=1, description="resnet_small: residual blocks in each of its three stages (1: ResNet-8).")
     num_classes: int = Field(10, ge=2, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
     resolution: int = Field(32, ge=8, le=1024, description="Square training and serving resolution in pixels (H = W).")
+    test_time_flip: bool = Field(False, description="Average the logits of each image and its mirror image (validation, evaluation and the served model).")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, backbone: str) -> str:
+        backbone_source(backbone)
+        return backbone
 
 
 class OptimConfig(BaseModel):
@@ -45,7 +87,50 @@ class OptimConfig(BaseModel):
     schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="Learning-rate schedule, stepped per batch.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(5e-4, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    freeze_epochs: int = Field(
+        0, ge=0, description="First phase: epochs that train only the head, the backbone frozen (pretrained weights); "
+        "the remaining epochs fine-tune everything.",
+    )
+    backbone_lr_ratio: float = Field(
+        1.0, gt=0, le=1, description="The backbone's learning rate relative to the head's (discriminative rates; "
+        "~0.1 when fine-tuning pretrained weights).",
+    )
     seed: int = Field(0, description="Same data, config and seed -> same training attempt (resumable).")
+
+
+class AugmentConfig(BaseModel):
+    """How the training images are varied, in FFCV's pipeline on the loader's threads (the shapes of
+    FFCV's own CIFAR and ImageNet recipes). Validation and test images are seen as stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    random_resized_crop: bool = Field(False, description="Decode a random crop (area in crop_scale, aspect 3:4-4:3) resized to the resolution.")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Area range of the random crops, as a share of the image.")
+    horizontal_flip: bool = Field(False, description="Mirror half the images; for photos, never for digits or text.")
+    translate: int = Field(0, ge=0, description="Shift by up to this many pixels (zero fill).")
+    cutout: int = Field(0, ge=0, description="Blank a square of this side at a random place (Cutout).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Share of each label's probability spread over the other classes.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="Validate and ship an exponential moving average of the weights with this decay (0: off; ~0.999 for long runs).")
+    start_resolution: int | None = Field(
+        None, ge=8, description="Progressive resizing (needs random_resized_crop): the first epoch's crops at this size, growing "
+        "linearly to the model's resolution by three quarters of the epochs.",
+    )
+
+    @model_validator(mode="after")
+    def _progressive_needs_crops(self) -> "AugmentConfig":
+        if self.start_resolution is not None and not self.random_resized_crop:
+            raise ValueError("start_resolution (progressive resizing) needs random_resized_crop: true")
+        return self
+
+
+# Named augmentation recipes; a run's own settings override a recipe's.
+RECIPES: dict[str, AugmentConfig] = {
+    "none": AugmentConfig(),
+    # Scans and small images whose orientation carries meaning (digits): shifts and occlusion only.
+    "small_images": AugmentConfig(translate=2, cutout=8, label_smoothing=0.05),
+    # Photographs (FFCV's ImageNet recipe): random resized crops, flips, label smoothing.
+    "photos": AugmentConfig(random_resized_crop=True, crop_scale=(0.25, 1.0), horizontal_flip=True, label_smoothing=0.1),
+}
 
 
 # What `training.fit` writes into `FitConfig.run_dir` when rank 0 finishes; the orchestrator reads it.
@@ -66,6 +151,7 @@ class FitConfig(BaseModel):
     reason: str = Field("manual", description="Why this training runs (the retraining policy's reasons); the W&B run's notes.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     warm_start: Path | None = Field(None, description="safetensors weights to start from (the champion's).")
     fast_dev_run: bool = False

@@ -24,14 +24,17 @@ import numpy as np
 import polars as pl
 import torch
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import Squeeze, ToDevice, ToTensor
+from ffcv.pipeline.operation import Operation
+from ffcv.transforms import Cutout, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor
 from ffcv.reader import Reader
 from ffcv.types import HeaderType
 from ffcv.utils import align_to_page
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+
+from training.config import AugmentConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -263,9 +266,22 @@ def _write_parquet(frame: pl.LazyFrame, path: Path) -> None:
     os.replace(partial, path)
 
 
-def image_pipeline(device: torch.device | None = None) -> list:
-    """uint8 NHWC tensors: the model's own input format (it normalises inside the graph)."""
-    pipeline = [SimpleRGBImageDecoder(), ToTensor()]
+def image_pipeline(
+    device: torch.device | None = None, augment: AugmentConfig | None = None, decoder: Operation | None = None,
+) -> list:
+    """uint8 NHWC tensors: the model's own input format. The network normalises them inside its
+    graph, on the device (in `channels_last` on GPUs), exactly as the served model does, so FFCV's
+    `ToTorchImage`/`NormalizeImage` would normalise a second time. Training images are varied by
+    `augment` on the loader's threads, after `decoder` (default: the stored image as it is)."""
+    augment = augment or AugmentConfig()
+    pipeline = [decoder or SimpleRGBImageDecoder()]
+    if augment.horizontal_flip:
+        pipeline.append(RandomHorizontalFlip())
+    if augment.translate:
+        pipeline.append(RandomTranslate(padding=augment.translate))
+    if augment.cutout:
+        pipeline.append(Cutout(augment.cutout))
+    pipeline.append(ToTensor())
     if device is not None and device.type == "cuda":
         pipeline.append(ToDevice(device, non_blocking=True))
     return pipeline
@@ -287,6 +303,8 @@ def make_loader(
     distributed: bool = False,
     device: torch.device | None = None,
     indices: np.ndarray | None = None,
+    augment: AugmentConfig | None = None,
+    decoder: Operation | None = None,
 ) -> Loader:
     return Loader(
         str(path),
@@ -298,7 +316,7 @@ def make_loader(
         drop_last=train,
         distributed=distributed,
         seed=seed,
-        pipelines={"image": image_pipeline(device), "label": label_pipeline(device)},
+        pipelines={"image": image_pipeline(device, augment, decoder), "label": label_pipeline(device)},
     )
 
 
@@ -328,10 +346,19 @@ def beton_length(path: Path) -> int:
 class FFCVDataModule(L.LightningDataModule):
     """Builds FFCV loaders inside the dataloader hooks, where the process group already exists."""
 
-    def __init__(self, beton_dir: Path, batch_size: int, num_workers: int, seed: int):
+    def __init__(
+        self, beton_dir: Path, batch_size: int, num_workers: int, seed: int, resolution: int,
+        augment: AugmentConfig | None = None,
+    ):
         super().__init__()
         self.beton_dir = Path(beton_dir)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.augment = augment or AugmentConfig()
+        # Random resized crops are decoded at a size `ProgressiveResizing` may change between epochs.
+        self.crop_decoder = (
+            RandomResizedCropRGBImageDecoder((resolution, resolution), scale=self.augment.crop_scale)
+            if self.augment.random_resized_crop else None
+        )
 
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
@@ -343,10 +370,14 @@ class FFCVDataModule(L.LightningDataModule):
         return make_loader(
             self.beton_dir / "train.beton", self.batch_size, self.num_workers, train=True,
             seed=self.seed, distributed=self._distributed(), device=self._device(),
+            augment=self.augment, decoder=self.crop_decoder,
         )
 
     def val_dataloader(self) -> Loader:
-        return make_loader(
-            self.beton_dir / "val.beton", self.batch_size, self.num_workers, train=False,
-            distributed=self._distributed(), device=self._device(),
-        )
+        # Every example once across the ranks: a disjoint stride each, not FFCV's distributed order,
+        # which pads the last ranks with repeated examples (DistributedSampler) and would count them.
+        path = self.beton_dir / "val.beton"
+        indices = None
+        if self._distributed():
+            indices = np.arange(self.trainer.global_rank, beton_length(path), self.trainer.world_size)
+        return make_loader(path, self.batch_size, self.num_workers, train=False, device=self._device(), indices=indices)

@@ -30,13 +30,13 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training.evaluate import TestSet
 from training.inference import forward_batch, onnx_latency_ms, onnx_session, predict_onnx, predict_torch
-from training.model import ImageClassifier
+from training.backbones import Classifier
 from training.results import ExportGatePolicy, ExportReport, RecipeTrial
 
 ONNX_OPSET = 18
 
 
-def export_fp32(network: ImageClassifier, resolution: int, path: Path) -> Path:
+def export_fp32(network: Classifier, resolution: int, path: Path) -> Path:
     """torch -> ONNX with the dynamo exporter, a dynamic batch dimension, written atomically."""
     network = network.eval()
     example = torch.zeros((2, resolution, resolution, 3), dtype=torch.uint8)
@@ -279,7 +279,7 @@ def choose_int8(
 
 
 def export_candidate(
-    network: ImageClassifier, resolution: int, calibration_images: np.ndarray, test: TestSet,
+    network: Classifier, resolution: int, calibration_images: np.ndarray, test: TestSet,
     directory: Path, max_accuracy_drop: float, recipe_memory: RecipeMemory | None = None,
 ) -> ExportReport:
     """fp32 ONNX and the fastest int8 recipe that keeps accuracy, in `directory`, with parity (the

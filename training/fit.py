@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import save_file
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -28,7 +28,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from training.config import RESULT_FILE, ComputeConfig, FitConfig
 from training.data import FFCVDataModule
 from training.distributed_run import die_with_parent
-from training.model import LitClassifier
+from training.backbones import load_pretrained
+from training.model import FreezeBackbone, LitClassifier, ProgressiveResizing
 from training.inference import load_weights
 from training.tracking import wandb_mode
 
@@ -110,6 +111,18 @@ def warm_start(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> li
     return sorted(set(own) - set(shared))
 
 
+def recipe_callbacks(config: FitConfig) -> list[Callback]:
+    """The Lightning callbacks the recipe asks for: a frozen first phase, weight averaging, growing crops."""
+    callbacks: list[Callback] = []
+    if config.optim.freeze_epochs:
+        callbacks.append(FreezeBackbone(config.optim.freeze_epochs))
+    if config.augment.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=config.augment.ema_decay))
+    if config.augment.start_resolution:
+        callbacks.append(ProgressiveResizing(config.augment.start_resolution, config.model.resolution, config.optim.epochs))
+    return callbacks
+
+
 def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) -> FitResult:
     started = time.perf_counter()
     L.seed_everything(config.optim.seed, workers=True, verbose=False)
@@ -118,14 +131,19 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
     resumed_from = _last_checkpoint_step(last_checkpoint)
 
     model = LitClassifier(
-        config.model.model_dump(), config.optim.model_dump(), compile=config.compute.compile
+        config.model.model_dump(mode="json"), config.optim.model_dump(), compile=config.compute.compile,
+        label_smoothing=config.augment.label_smoothing,
     )
+    if config.model.pretrained and not resumed_from:
+        dropped = load_pretrained(model.net, config.model.pretrained, config.model.backbone)
+        log(f"pretrained weights from {config.model.pretrained}; the head replaces {', '.join(dropped) or 'no classifier'}")
     if config.warm_start and not resumed_from:
         fresh = warm_start(model.net, load_weights(config.warm_start))
         if fresh:
             log(f"warm start from {config.warm_start}: {', '.join(fresh)} start fresh (their shape changed, e.g. a head grown for new classes)")
     datamodule = FFCVDataModule(
-        config.beton_dir, config.optim.batch_size, config.compute.num_workers, config.optim.seed
+        config.beton_dir, config.optim.batch_size, config.compute.num_workers, config.optim.seed,
+        config.model.resolution, config.augment,
     )
     config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
@@ -156,7 +174,8 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
         precision=precision,
         max_epochs=config.optim.epochs,
         logger=logger,
-        callbacks=[checkpoints, EpochReporter(log)] + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []),
+        callbacks=[checkpoints, EpochReporter(log), *recipe_callbacks(config)]
+        + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []),
         use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import ModelConfig
-from training.model import ImageClassifier
+from training.backbones import Classifier, build_network
 
 
 # Images per forward pass follow their size: activations grow with the pixels, and 256 photos at
@@ -29,14 +29,14 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_classifier(weights_path: Path, model_config: ModelConfig) -> ImageClassifier:
-    network = ImageClassifier(model_config)
+def load_classifier(weights_path: Path, model_config: ModelConfig) -> Classifier:
+    network = build_network(model_config)
     network.load_state_dict(load_weights(weights_path))
     return network.eval()
 
 
 @torch.inference_mode()
-def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+def predict_torch(network: Classifier, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     batch_size = batch_size or forward_batch(images)
     outputs = [network(torch.from_numpy(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(outputs).numpy()
@@ -44,7 +44,7 @@ def predict_torch(network: ImageClassifier, images: np.ndarray, batch_size: int 
 
 @torch.inference_mode()
 def embed_and_predict(
-    network: ImageClassifier, images: np.ndarray, batch_size: int | None = None
+    network: Classifier, images: np.ndarray, batch_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate-layer embeddings, predicted classes) of the images."""
     batch_size = batch_size or forward_batch(images)

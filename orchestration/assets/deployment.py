@@ -12,7 +12,7 @@ from pydantic import Field
 from orchestration.metadata import code_version, inputs_fingerprint, markdown_table
 from orchestration.resources import FlywheelHome
 from training.card import GateVerdict, Lineage, build_card
-from training.config import ModelConfig
+from training.config import AugmentConfig, ModelConfig
 from training.gate import GateDecision, GatePolicy
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
 from training.results import ExportGatePolicy, Metrics
@@ -133,6 +133,7 @@ def _export_and_publish(
         export_gate=GateVerdict(passed=passed, reasons=reasons),
         served_ece=served.candidate.ece,
         served_gate=served.gate,
+        augment=AugmentConfig.model_validate(trained_model["augment"]),
         lineage=Lineage(
             training_batches=trained_model["training_batches"],
             training_attempt=trained_model["attempt"],

@@ -10,18 +10,25 @@ from pydantic import Field
 
 from orchestration.metadata import inputs_fingerprint
 from orchestration.resources import FlywheelHome, TrainingCompute
-from training.config import RESULT_FILE, FitConfig, ModelConfig, OptimConfig
+from training.config import RECIPES, RESULT_FILE, AugmentConfig, FitConfig, ModelConfig, OptimConfig
 from training.distributed_run import FAILURE_FILE_ENV
 from training.registry import Registry
 
 
-MODEL_FIELDS, OPTIM_FIELDS = ModelConfig.model_fields, OptimConfig.model_fields
+MODEL_FIELDS, OPTIM_FIELDS, AUGMENT_FIELDS = ModelConfig.model_fields, OptimConfig.model_fields, AugmentConfig.model_fields
+
+
+def _recipe_override(name: str) -> object:
+    return Field(None, description=f"{AUGMENT_FIELDS[name].description} Unset: the recipe's.")
 
 
 class TrainingConfig(dg.Config):
     """The run's recipe. Defaults, limits and descriptions are `training.config`'s, so they live once."""
 
-    backbone: Literal["resnet_small"] = MODEL_FIELDS["backbone"]
+    backbone: str = MODEL_FIELDS["backbone"]
+    pretrained: str | None = Field(
+        None, description=f"{MODEL_FIELDS['pretrained'].description} A relative path is under $FLYWHEEL_HOME/pretrained/.",
+    )
     width: int = MODEL_FIELDS["width"]
     blocks_per_stage: int = MODEL_FIELDS["blocks_per_stage"]
     epochs: int = OPTIM_FIELDS["epochs"]
@@ -30,14 +37,37 @@ class TrainingConfig(dg.Config):
     schedule: Literal["onecycle", "cosine", "constant"] = OPTIM_FIELDS["schedule"]
     learning_rate: float = OPTIM_FIELDS["learning_rate"]
     weight_decay: float = OPTIM_FIELDS["weight_decay"]
+    freeze_epochs: int = OPTIM_FIELDS["freeze_epochs"]
+    backbone_lr_ratio: float = OPTIM_FIELDS["backbone_lr_ratio"]
     seed: int = OPTIM_FIELDS["seed"]
+    test_time_flip: bool = MODEL_FIELDS["test_time_flip"]
+    recipe: str = Field(
+        "small_images", description=f"Augmentation recipe: {', '.join(RECIPES)} (training.config.RECIPES); the fields below override it.",
+    )
+    random_resized_crop: bool | None = _recipe_override("random_resized_crop")
+    crop_scale: list[float] | None = _recipe_override("crop_scale")
+    horizontal_flip: bool | None = _recipe_override("horizontal_flip")
+    translate: int | None = _recipe_override("translate")
+    cutout: int | None = _recipe_override("cutout")
+    label_smoothing: float | None = _recipe_override("label_smoothing")
+    ema_decay: float | None = _recipe_override("ema_decay")
+    start_resolution: int | None = _recipe_override("start_resolution")
     warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
 
-    def model(self, num_classes: int, resolution: int) -> ModelConfig:
-        return ModelConfig(**self.model_dump(include=set(MODEL_FIELDS)), num_classes=num_classes, resolution=resolution)
+    def model(self, num_classes: int, resolution: int, pretrained_dir: Path) -> ModelConfig:
+        return ModelConfig(
+            **self.model_dump(include=set(MODEL_FIELDS) - {"pretrained"}), num_classes=num_classes, resolution=resolution,
+            pretrained=pretrained_dir / self.pretrained if self.pretrained else None,  # an absolute path stays itself
+        )
 
     def optim(self) -> OptimConfig:
         return OptimConfig(**self.model_dump(include=set(OPTIM_FIELDS)))
+
+    def augment(self) -> AugmentConfig:
+        if self.recipe not in RECIPES:
+            raise dg.Failure(description=f"unknown augmentation recipe {self.recipe!r}: one of {', '.join(RECIPES)}")
+        overrides = {name: value for name, value in self.model_dump(include=set(AUGMENT_FIELDS)).items() if value is not None}
+        return AugmentConfig(**(RECIPES[self.recipe].model_dump() | overrides))
 
 
 def attempt_id(datasets: dict, fit_payload: dict) -> str:
@@ -60,11 +90,16 @@ def trained_model(
     ffcv_datasets: dict,
 ) -> dg.Output[dict]:
     champion = Registry(flywheel.registry).champion()
-    model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"])
+    model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"], flywheel.pretrained)
+    if model.pretrained and not model.pretrained.is_file():
+        from training.backbones import missing_weights_message
+
+        raise dg.Failure(description=missing_weights_message(model.backbone, model.pretrained))
     optim = config.optim()
     payload = {
-        "model": model.model_dump(),
+        "model": model.model_dump(mode="json"),
         "optim": optim.model_dump(),
+        "augment": config.augment().model_dump(mode="json"),
         "compute": compute.compute_config(),
         "warm_start": str(champion.weights) if champion and config.warm_start else None,
     }
@@ -102,7 +137,8 @@ def trained_model(
     value = {
         **result,
         "attempt": run_dir.name,
-        "model": model.model_dump(),
+        "model": model.model_dump(mode="json"),
+        "augment": payload["augment"],
         "training_batches": ffcv_datasets["splits"]["train"]["batches"],
         "parent_champion": champion.version if champion else None,
     }
