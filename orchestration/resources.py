@@ -115,7 +115,8 @@ class TrainingCompute(dg.ConfigurableResource):
     rdzv_endpoint: str = Field("", description="host:port of the rendezvous for multi-node training.")
     strategy: str = ComputeConfig.model_fields["strategy"]
     precision: str = Field("", description="Empty picks per accelerator (32-true on CPU, bf16-mixed on GPUs).")
-    compile: bool = ComputeConfig.model_fields["compile"]
+    compile: bool | None = ComputeConfig.model_fields["compile"]
+    sync_batchnorm: bool = ComputeConfig.model_fields["sync_batchnorm"]
     num_workers: int = ComputeConfig.model_fields["num_workers"]
 
     def processes_per_node(self) -> int:
@@ -137,6 +138,7 @@ class TrainingCompute(dg.ConfigurableResource):
             "strategy": "ddp" if distributed and self.strategy == "auto" else self.strategy,
             "precision": self.precision or None,
             "compile": self.compile,
+            "sync_batchnorm": self.sync_batchnorm,
             "num_workers": self.num_workers,
         }
 

@@ -4,6 +4,7 @@ crops between epochs, and test-time flip in the evaluated and exported graph."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
 
@@ -73,3 +74,33 @@ def test_test_time_flip_averages_an_image_and_its_mirror_in_the_exported_model_t
         assert not torch.allclose(plain(images), expected, atol=1e-4)
     exported = onnx_session(export_fp32(flipping, 16, tmp_path / "model.onnx"))
     np.testing.assert_allclose(predict_onnx(exported, images.numpy()), expected.numpy(), atol=1e-4)
+
+
+def test_a_photos_recipe_with_weight_averaging_and_growing_crops_trains_end_to_end(
+    digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import training.fit
+    from training.config import FitConfig, OptimConfig
+
+    sizes = []
+
+    class RecordSizes(ProgressiveResizing):  # the real callback, remembering what it set
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            super().on_train_epoch_start(trainer, pl_module)
+            sizes.append(trainer.datamodule.crop_decoder.output_size)
+
+    augment = AugmentConfig(
+        random_resized_crop=True, crop_scale=(0.5, 1.0), horizontal_flip=True, label_smoothing=0.1, ema_decay=0.9, start_resolution=16,
+    )
+    config = FitConfig(
+        # Integration, not accuracy: 32 steps of a heavy recipe on digits learn little.
+        beton_dir=digits_splits["dir"], run_dir=tmp_path / "run", wandb_save_dir=tmp_path, augment=augment,
+        model=ModelConfig(width=8), optim=OptimConfig(epochs=4, batch_size=50),
+    )
+    monkeypatch.setattr(training.fit, "ProgressiveResizing", RecordSizes)
+    result = training.fit.fit(config)
+    assert sizes == [(16, 16), (24, 24), (32, 32), (32, 32)]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]  # EMA's layout
+    assert not torch.equal(averaged["net.head.weight"], current["net.head.weight"])
+    assert result.epochs_completed == 4

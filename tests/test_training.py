@@ -134,3 +134,33 @@ def test_metrics_per_class_confusion_and_slices():
     }
     assert result.slices["x"]["ece"] < result.slices["y"]["ece"]
     assert result.per_class[1] == {"class": 1, "precision": 1.0, "recall": 0.5, "support": 2}
+
+
+def test_the_learning_rate_scales_with_the_global_batch_and_the_backbone_gets_its_ratio():
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from training.model import LitClassifier
+
+    images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
+    module = LitClassifier(
+        ModelConfig(width=8, resolution=16).model_dump(),
+        OptimConfig(batch_size=16, schedule="constant", learning_rate=3e-3, reference_batch=64, backbone_lr_ratio=0.1).model_dump(),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images, torch.randint(0, 10, (64,))), batch_size=16))
+    head, backbone = trainer.optimizers[0].param_groups
+    assert head["lr"] == pytest.approx(3e-3 * (16 * 2) / 64) and backbone["lr"] == pytest.approx(head["lr"] * 0.1)
+    assert {id(p) for p in head["params"]} == {id(p) for p in module.net.head.parameters()}
+
+
+def test_early_stopping_ends_a_run_whose_validation_accuracy_stopped_improving(digits_splits: dict, tmp_path: Path):
+    result = fit(FitConfig(
+        beton_dir=digits_splits["dir"], run_dir=tmp_path / "run", wandb_save_dir=tmp_path, model=ModelConfig(width=8),
+        # A rate too small to change a prediction: validation accuracy stays where it started.
+        optim=OptimConfig(epochs=20, batch_size=100, learning_rate=1e-12, schedule="constant", early_stopping_patience=2),
+    ))
+    assert result.epochs_completed == 3  # the first epoch sets the best; two more without improvement stop it

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import save_file
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -57,10 +57,14 @@ class FitResult:
         return json.dumps(asdict(self), indent=2)
 
 
+def on_gpus(compute: ComputeConfig) -> bool:
+    return compute.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+
+
 def resolve_precision(compute: ComputeConfig) -> str:
     if compute.precision:
         return compute.precision
-    if compute.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+    if on_gpus(compute):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
 
@@ -118,6 +122,8 @@ def recipe_callbacks(config: FitConfig) -> list[Callback]:
         callbacks.append(FreezeBackbone(config.optim.freeze_epochs))
     if config.augment.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=config.augment.ema_decay))
+    if config.optim.early_stopping_patience:
+        callbacks.append(EarlyStopping("val/accuracy", mode="max", patience=config.optim.early_stopping_patience))
     if config.augment.start_resolution:
         callbacks.append(ProgressiveResizing(config.augment.start_resolution, config.model.resolution, config.optim.epochs))
     return callbacks
@@ -131,7 +137,8 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
     resumed_from = _last_checkpoint_step(last_checkpoint)
 
     model = LitClassifier(
-        config.model.model_dump(mode="json"), config.optim.model_dump(), compile=config.compute.compile,
+        config.model.model_dump(mode="json"), config.optim.model_dump(),
+        compile=on_gpus(config.compute) if config.compute.compile is None else config.compute.compile,
         label_smoothing=config.augment.label_smoothing,
     )
     if config.model.pretrained and not resumed_from:
@@ -171,6 +178,8 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
         devices=config.compute.devices,
         num_nodes=config.compute.num_nodes,
         strategy=config.compute.strategy,
+        sync_batchnorm=config.compute.sync_batchnorm,
+        accumulate_grad_batches=config.optim.accumulate_grad_batches,
         precision=precision,
         max_epochs=config.optim.epochs,
         logger=logger,

@@ -56,7 +56,10 @@ class LitClassifier(L.LightningModule):
         head = list(self.net.head.parameters())
         head_ids = {id(parameter) for parameter in head}
         backbone = [parameter for parameter in self.net.parameters() if id(parameter) not in head_ids]
-        rates = [config.learning_rate, config.learning_rate * config.backbone_lr_ratio]
+        # Linear scaling: the recipe's rate is for `reference_batch`; more processes or accumulation scale it.
+        global_batch = config.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        learning_rate = config.learning_rate * global_batch / config.reference_batch
+        rates = [learning_rate, learning_rate * config.backbone_lr_ratio]
         groups = [{"params": head, "lr": rates[0]}, {"params": backbone, "lr": rates[1]}]
         if config.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
