@@ -75,8 +75,9 @@ def read_yaml(path: Path) -> dict:
 
 
 def validation_message(path: Path, error: pydantic.ValidationError, prefix: str = "") -> str:
+    """`prefix` names the section ("trained_model."); an error of the whole section has no field."""
     return f"{path}: " + "; ".join(
-        f"{prefix}{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()
+        f"{(prefix + '.'.join(map(str, e['loc']))).rstrip('.')}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()
     )
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from orchestration.metadata import inputs_fingerprint
 from orchestration.resources import FlywheelHome, TrainingCompute
-from training.config import RECIPES, RESULT_FILE, AugmentConfig, FitConfig, ModelConfig, OptimConfig
+from training.config import RECIPES, RESULT_FILE, AugmentConfig, FitConfig, ModelConfig, OptimConfig, backbone_source
 from training.distributed_run import FAILURE_FILE_ENV
 from training.registry import Registry
 
@@ -66,9 +66,21 @@ class TrainingConfig(dg.Config):
     def optim(self) -> OptimConfig:
         return OptimConfig(**self.model_dump(include=set(OPTIM_FIELDS)))
 
+    # Checked here too, so a wrong value in flywheel.yaml is the settings file's one-line error.
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, backbone: str) -> str:
+        backbone_source(backbone)
+        return backbone
+
+    @model_validator(mode="after")
+    def _valid_recipe(self) -> "TrainingConfig":
+        self.augment()
+        return self
+
     def augment(self) -> AugmentConfig:
         if self.recipe not in RECIPES:
-            raise dg.Failure(description=f"unknown augmentation recipe {self.recipe!r}: one of {', '.join(RECIPES)}")
+            raise ValueError(f"unknown augmentation recipe {self.recipe!r}: one of {', '.join(RECIPES)}")
         overrides = {name: value for name, value in self.model_dump(include=set(AUGMENT_FIELDS)).items() if value is not None}
         return AugmentConfig(**(RECIPES[self.recipe].model_dump() | overrides))
 

@@ -57,10 +57,14 @@ def image(tmp_path: Path) -> Path:
         ("classes: [cat, 'bad/name']\n", ["classes: class name 'bad/name' is not allowed"]),
         ("classes: [cat, dog, cat]\n", ["classes: listed more than once: cat"]),
         ("resolution: 4\n", ["resolution: Input should be greater than or equal to 8"]),
+        ("trained_model: {backbone: resnet19}\n", ["trained_model.backbone: unknown backbone 'resnet19': one of resnet_small, resnet18", "timm/<name>"]),
+        ("trained_model: {recipe: photo}\n", ["trained_model: unknown augmentation recipe 'photo': one of none, small_images, photos"]),
+        ("trained_model: {start_resolution: 16}\n", ["trained_model: start_resolution (progressive resizing) needs random_resized_crop: true"]),
     ],
     ids=[
         "zero epochs", "negative epochs", "unknown setting", "unknown asset", "entry not a mapping", "broken yaml",
         "list at top level", "one class", "bad class name", "duplicate class", "tiny resolution",
+        "unknown backbone", "unknown recipe", "growing crops without crops",
     ],
 )
 def test_malformed_settings_are_refused_before_anything_runs(home: Path, tmp_path: Path, capsys, text: str, expected: list[str]):
