@@ -272,8 +272,12 @@ def image_pipeline(
     """uint8 NHWC tensors: the model's own input format. The network normalises them inside its
     graph, on the device (in `channels_last` on GPUs), exactly as the served model does, so FFCV's
     `ToTorchImage`/`NormalizeImage` would normalise a second time. Training images are varied by
-    `augment` on the loader's threads, after `decoder` (default: the stored image as it is)."""
+    `augment` on the loader's threads, after `decoder`: the stored image as it is, or, for
+    `random_resized_crop`, the caller's `RandomResizedCropRGBImageDecoder` (whose output size
+    progressive resizing changes between epochs)."""
     augment = augment or AugmentConfig()
+    if augment.random_resized_crop and not isinstance(decoder, RandomResizedCropRGBImageDecoder):
+        raise ValueError("random_resized_crop needs its RandomResizedCropRGBImageDecoder (FFCVDataModule makes one)")
     pipeline = [decoder or SimpleRGBImageDecoder()]
     if augment.horizontal_flip:
         pipeline.append(RandomHorizontalFlip())
