@@ -130,3 +130,19 @@ def test_the_frozen_phase_trains_only_the_head_and_the_second_phase_the_rest(dig
     changed, fine_tuned_head = train(2, "both")
     assert {key for key in published if key.endswith(("conv1.weight", "conv2.weight", "running_mean"))} <= changed
     assert not torch.equal(fine_tuned_head, head)
+
+
+def test_a_pretrained_file_replaced_at_the_same_path_starts_a_new_training_attempt(tmp_path: Path):
+    import os
+
+    from orchestration.assets.training import attempt_id
+
+    datasets, payload = {"splits": {"train": {"fingerprint": "f"}}}, {"model": {"pretrained": "resnet18.pth"}}
+    checkpoint = tmp_path / "resnet18.pth"
+    checkpoint.write_bytes(b"first")
+    first = attempt_id(datasets, payload, checkpoint)
+    assert attempt_id(datasets, payload, checkpoint) == first
+    checkpoint.write_bytes(b"second, longer")
+    os.utime(checkpoint, ns=(1, 1))
+    assert attempt_id(datasets, payload, checkpoint) != first
+    assert attempt_id(datasets, payload, None) != first

@@ -85,9 +85,12 @@ class TrainingConfig(dg.Config):
         return AugmentConfig(**(RECIPES[self.recipe].model_dump() | overrides))
 
 
-def attempt_id(datasets: dict, fit_payload: dict) -> str:
-    """Same datasets and same configuration -> same attempt folder, so a re-run resumes it."""
-    return inputs_fingerprint([datasets["splits"], fit_payload])
+def attempt_id(datasets: dict, fit_payload: dict, pretrained: Path | None) -> str:
+    """Same datasets and same configuration -> same attempt folder, so a re-run resumes it. A
+    pretrained checkpoint counts by its size and modification time too: a file replaced at the
+    same path starts a new attempt."""
+    stamp = [pretrained.stat().st_size, pretrained.stat().st_mtime_ns] if pretrained else None
+    return inputs_fingerprint([datasets["splits"], fit_payload, stamp])
 
 
 @dg.asset(
@@ -118,7 +121,7 @@ def trained_model(
         "compute": compute.compute_config(),
         "warm_start": str(champion.weights) if champion and config.warm_start else None,
     }
-    run_dir = flywheel.checkpoints / attempt_id(ffcv_datasets, payload)
+    run_dir = flywheel.checkpoints / attempt_id(ffcv_datasets, payload, model.pretrained)
     fit_config = FitConfig(
         beton_dir=Path(ffcv_datasets["dir"]),
         run_dir=run_dir,
