@@ -31,7 +31,7 @@ def mixed_weights(digits_splits: dict, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("fit-mixed")
     result = fit(FitConfig(
         beton_dir=folder, run_dir=root / "run", wandb_save_dir=root,
-        model=ModelConfig(width=32), optim=OptimConfig(epochs=6, batch_size=32),
+        model=ModelConfig(width=32), optim=OptimConfig(epochs=6, batch_size=32, reference_batch=32),
     ))
     return Path(result.weights_path)
 
@@ -54,13 +54,14 @@ def logits_of(weights: Path, test: evaluate.TestSet, forget_class: int | None = 
 
 
 def two_fewer_right_per_clean_slice(candidate: np.ndarray, champion: np.ndarray, test: evaluate.TestSet) -> np.ndarray:
-    """The candidate's logits, made to get two more images wrong on each clean slice where the champion is right."""
+    """The candidate's logits, made to answer as the champion does on each clean slice except for two
+    images the champion gets right: exactly two fewer right there, whatever the two models learned."""
     logits = candidate.copy()
     labels = test.labels
     for index in range(CLEAN_SLICES):
-        both_right = np.flatnonzero(
-            (test.slices == f"clean-{index}") & (logits.argmax(1) == labels) & (champion.argmax(1) == labels)
-        )
+        clean = test.slices == f"clean-{index}"
+        logits[clean] = champion[clean]
+        both_right = np.flatnonzero(clean & (logits.argmax(1) == labels))
         for row in both_right[:2]:
             logits[row] = 0.0
             logits[row, (labels[row] + 1) % 10] = 10.0

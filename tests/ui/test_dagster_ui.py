@@ -41,8 +41,10 @@ def prepare_champion(home: Path) -> None:
     for path in landed:
         assert defs.resolve_job_def("ingest").execute_in_process(instance=instance, partition_key=path.stem).success
     assert defs.resolve_job_def("transform").execute_in_process(instance=instance).success
+    # The UI needs a champion, fast: 60 steps on ~210 images are too few for augmentation to pay off
+    # (with the default shifts the first model scored 0.857 against the 0.9 floor).
     retrain = defs.resolve_job_def("retrain").execute_in_process(
-        instance=instance, run_config={"ops": {"trained_model": {"config": FAST_TRAINING}}}
+        instance=instance, run_config={"ops": {"trained_model": {"config": {**FAST_TRAINING, "recipe": "none"}}}}
     )
     assert retrain.success
 
