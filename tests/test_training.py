@@ -153,8 +153,19 @@ def test_the_learning_rate_scales_with_the_global_batch_and_the_backbone_gets_it
     )
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images, torch.randint(0, 10, (64,))), batch_size=16))
     head, backbone = trainer.optimizers[0].param_groups
-    assert head["lr"] == pytest.approx(3e-3 * (16 * 2) / 64) and backbone["lr"] == pytest.approx(head["lr"] * 0.1)
+    assert head["lr"] == pytest.approx(3e-3 * ((16 * 2) / 64) ** 0.5) and backbone["lr"] == pytest.approx(head["lr"] * 0.1)  # AdamW: square root
     assert {id(p) for p in head["params"]} == {id(p) for p in module.net.head.parameters()}
+
+    sgd = LitClassifier(
+        ModelConfig(width=8, resolution=16).model_dump(),
+        OptimConfig(batch_size=16, schedule="constant", optimizer="sgd", learning_rate=3e-3, reference_batch=64).model_dump(),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(sgd, train_dataloaders=DataLoader(TensorDataset(images, torch.randint(0, 10, (64,))), batch_size=16))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3 * (16 * 2) / 64)  # SGD: linear
 
 
 def test_early_stopping_ends_a_run_whose_validation_accuracy_stopped_improving(digits_splits: dict, tmp_path: Path):

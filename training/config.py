@@ -91,8 +91,8 @@ class OptimConfig(BaseModel):
     schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="Learning-rate schedule, stepped per batch.")
     learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate at a global batch of reference_batch.")
     reference_batch: int = Field(
-        64, ge=1, description="The global batch learning_rate is meant for; the rate scales linearly with the real one "
-        "(batch_size x processes x accumulate_grad_batches), so adding GPUs keeps the recipe.",
+        64, ge=1, description="The global batch learning_rate is meant for; the rate follows the real one (batch_size x "
+        "processes x accumulate_grad_batches): linearly for SGD, by its square root for AdamW, so adding GPUs keeps the recipe.",
     )
     accumulate_grad_batches: int = Field(1, ge=1, description="Batches whose gradients add up to one optimizer step.")
     early_stopping_patience: int | None = Field(

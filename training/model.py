@@ -56,9 +56,11 @@ class LitClassifier(L.LightningModule):
         head = list(self.net.head.parameters())
         head_ids = {id(parameter) for parameter in head}
         backbone = [parameter for parameter in self.net.parameters() if id(parameter) not in head_ids]
-        # Linear scaling: the recipe's rate is for `reference_batch`; more processes or accumulation scale it.
+        # The recipe's rate is for `reference_batch`; more processes or accumulation scale it: linearly
+        # for SGD, by the square root for AdamW (adaptive steps; timm's rule).
         global_batch = config.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        learning_rate = config.learning_rate * global_batch / config.reference_batch
+        ratio = global_batch / config.reference_batch
+        learning_rate = config.learning_rate * (ratio if config.optimizer == "sgd" else ratio**0.5)
         rates = [learning_rate, learning_rate * config.backbone_lr_ratio]
         groups = [{"params": head, "lr": rates[0]}, {"params": backbone, "lr": rates[1]}]
         if config.optimizer == "sgd":
