@@ -62,7 +62,7 @@ def publish_champion(home: Path, rgb: np.ndarray, labels: np.ndarray, epochs: in
     card = build_card(
         model, list(DIGITS_CLASSES), "squash", "grayscale", evaluation.candidate, result.val_accuracy, report,
         ExportConfig().policy(), evaluation_gate=evaluation.gate, export_gate=GateVerdict(passed=passed, reasons=reasons),
-        served_ece=served.candidate.ece, served_gate=served.gate, augment=AugmentConfig(),
+        served_ece=served.candidate.ece, served_gate=served.gate, augment=AugmentConfig(), optim=None,
         lineage=Lineage(
             training_batches=["bench"], training_attempt="bench", parent_champion=None, compared_with_champion=None,
             code_version="bench", wandb_run_id="none", dagster_run_id="bench", inputs_fingerprint="bench",

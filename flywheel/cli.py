@@ -1,4 +1,4 @@
-"""`flywheel`: land images or simulate landing batches, run one tick of the loop, predict with the champion, show status.
+"""`flywheel`: land images or simulate landing batches, run one tick of the loop, tune, predict with the champion, show status.
 
 Errors a user can cause end with a one-line message and exit code 2, never only a traceback.
 """
@@ -136,6 +136,41 @@ def selected_assets(defs, selection: str, partition: str | None) -> list:
     return sorted(keys)
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    import pydantic
+
+    from flywheel.run_lock import exclusive_run
+    from orchestration.assets.training import TuneJobConfig
+    from orchestration.settings import current_settings
+
+    flywheel = _flywheel()
+    settings = current_settings(flywheel)
+    overrides = {name: value for name, value in {"trials": args.trials, "timeout_minutes": args.timeout_minutes}.items() if value is not None}
+    try:
+        tuning = TuneJobConfig(**settings.get("tuned_hyperparameters", {}) | overrides).model_dump()
+    except pydantic.ValidationError as error:
+        raise UserError(f"{error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+    with exclusive_run(flywheel.root, wait=not args.no_wait, log=lambda message: print(message, file=sys.stderr)):
+        from flywheel.loop import failure_message
+        from orchestration.definitions import defs
+        from orchestration.instance import get_instance, process_tags
+        from orchestration.settings import run_config
+
+        job = defs.resolve_job_def("tune")
+        result = job.execute_in_process(
+            run_config=run_config(job, settings | {"tuned_hyperparameters": tuning}, {}),
+            instance=get_instance(flywheel.root), tags=process_tags(), raise_on_error=False,
+        )
+        if not result.success:
+            raise UserError(f"tuning failed: {failure_message(result)}")
+    tuned = result.output_for_node("tuned_hyperparameters")
+    best = tuned["best"]
+    values = ", ".join(f"{name} {value:.4g}" for name, value in best["values"].items())
+    print(f"study {best['study']}: {tuned['added']} trials added ({tuned['complete']} complete, {tuned['pruned']} pruned "
+          f"in the study so far); best trial {best['trial']}: val accuracy {best['val_accuracy']:.4f} with {values}")
+    print("the next retraining of this backbone uses these values (trained_model's use_tuned); the gates still decide what ships")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from flywheel.predict import predict_files
 
@@ -202,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-wait", action="store_true",
                      help="if another flywheel run is working on this data root, stop instead of queueing behind it")
     run.set_defaults(handler=cmd_run)
+
+    tune = commands.add_parser("tune", help="search the training's hyperparameters with Optuna (the `tune` job)")
+    tune.add_argument("--trials", type=int, help="trials to add to the study (default: flywheel.yaml's tuned_hyperparameters, else 12)")
+    tune.add_argument("--timeout-minutes", type=float, help="stop starting new trials after this long")
+    tune.add_argument("--no-wait", action="store_true", help="if another flywheel run is working on this data root, stop instead of queueing")
+    tune.set_defaults(handler=cmd_tune)
 
     predict = commands.add_parser("predict", help="score landing parquet files or image files with the champion (int8)")
     predict.add_argument("files", nargs="+", help="landing-format .parquet files or .png/.jpg images")

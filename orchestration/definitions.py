@@ -7,7 +7,7 @@ from orchestration.assets.deployment import champion_model, exported_model
 from orchestration.assets.evaluation import model_evaluation
 from orchestration.assets.ingestion import ingest_batch, raw_labels
 from orchestration.assets.monitoring import drift_report
-from orchestration.assets.training import trained_model
+from orchestration.assets.training import trained_model, tuned_hyperparameters
 from orchestration.assets.transformation import dbt_models, dbt_resource
 from orchestration.automation import (
     drift_sensor,
@@ -18,7 +18,7 @@ from orchestration.automation import (
 )
 from orchestration.checks import evaluation_gate, export_gate, served_model_gate
 from orchestration.io_manager import JsonIOManager
-from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job
+from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job, tune_job
 from orchestration.resources import FlywheelHome, TrainingCompute
 from orchestration.sensors import landing_sensor
 
@@ -31,13 +31,14 @@ defs = dg.Definitions(
         dbt_models,
         ffcv_datasets,
         trained_model,
+        tuned_hyperparameters,
         model_evaluation,
         exported_model,
         champion_model,
         drift_report,
     ],
     asset_checks=[evaluation_gate, export_gate, served_model_gate],
-    jobs=[ingest_job, labels_job, transform_job, retrain_job, monitor_job, full_loop_job],
+    jobs=[ingest_job, labels_job, transform_job, retrain_job, tune_job, monitor_job, full_loop_job],
     sensors=[landing_sensor, transform_on_ingestion, monitoring_sensor, drift_sensor, run_failure_recorder],
     schedules=[retraining_schedule],
     # Every job is a chain of steps, so a process per step (Dagster's default) runs nothing in

@@ -33,6 +33,13 @@ retrain_job = dg.define_asset_job(
     "promote it if every gate passes.",
 )
 
+tune_job = dg.define_asset_job(
+    "tune",
+    selection=dg.AssetSelection.assets("ffcv_datasets", "tuned_hyperparameters"),
+    description="Optuna search over the training's hyperparameters on the current datasets (optional); the next "
+    "retraining takes the best trial's values, and the gates still decide what ships.",
+)
+
 monitor_job = dg.define_asset_job(
     "monitor",
     selection=dg.AssetSelection.assets("drift_report"),

@@ -73,6 +73,11 @@ class FlywheelHome(dg.ConfigurableResource):
         return self.root / "pretrained"
 
     @property
+    def tuning(self) -> Path:
+        """Optuna studies (journal files) and their trials' folders."""
+        return self.root / "tuning"
+
+    @property
     def registry(self) -> Path:
         return self.root / "registry"
 

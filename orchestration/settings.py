@@ -18,7 +18,7 @@ from orchestration.assets.deployment import ExportConfig
 from orchestration.assets.evaluation import GateConfig
 from orchestration.assets.ingestion import IngestConfig
 from orchestration.assets.monitoring import DriftConfig
-from orchestration.assets.training import TrainingConfig
+from orchestration.assets.training import TrainingConfig, TuneJobConfig
 from orchestration.project import PROJECT_KEYS, SettingsError, load_project, read_yaml, validation_message
 from orchestration.resources import FlywheelHome
 
@@ -26,6 +26,7 @@ from orchestration.resources import FlywheelHome
 CONFIG_CLASSES: dict[str, type[dg.Config]] = {
     "ingest_batch": IngestConfig,
     "trained_model": TrainingConfig,
+    "tuned_hyperparameters": TuneJobConfig,
     "model_evaluation": GateConfig,
     "exported_model": ExportConfig,
     "drift_report": DriftConfig,

@@ -146,3 +146,16 @@ def test_a_pretrained_file_replaced_at_the_same_path_starts_a_new_training_attem
     os.utime(checkpoint, ns=(1, 1))
     assert attempt_id(datasets, payload, checkpoint) != first
     assert attempt_id(datasets, payload, None) != first
+
+
+def test_a_warm_start_needs_the_champions_network(tmp_path: Path):
+    from orchestration.assets.training import TrainingConfig, champion_warm_start
+    from tests.conftest import model_card
+    from training.registry import ModelVersion
+
+    (tmp_path / "card.json").write_text(model_card().model_dump_json())  # a resnet_small champion
+    champion = ModelVersion("v0001", tmp_path)
+    context = dg.build_asset_context()
+    assert champion_warm_start(context, champion, TrainingConfig()) == str(tmp_path / "weights.safetensors")
+    assert champion_warm_start(context, champion, TrainingConfig(backbone="resnet18")) is None
+    assert champion_warm_start(context, None, TrainingConfig()) is None

@@ -125,3 +125,12 @@ def test_rollback_command(champion: Path, capsys):
     assert "replaced no earlier champion" in capsys.readouterr().err
     assert run_cli("rollback", "--to", "v0042") == 2
     assert "v0042 is not in the registry" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_bad_budget_and_names_what_is_missing_in_one_line(home: Path, capsys):
+    assert run_cli("tune", "--trials", "0") == 2
+    assert capsys.readouterr().err == "flywheel tune: trials: Input should be greater than or equal to 1\n"
+    assert run_cli("tune", "--trials", "1") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"flywheel tune: tuning failed: FileNotFoundError: warehouse {home / 'warehouse.duckdb'} does not exist yet: ingest a batch first"
+    )

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from training.config import AugmentConfig, ModelConfig
+from training.config import AugmentConfig, ModelConfig, OptimConfig
 from training.gate import GateDecision
 from training.results import ExportGatePolicy, ExportReport, Metrics, RecipeTrial
 
@@ -85,6 +85,7 @@ class Lineage(BaseModel, frozen=True):
     training_batches: list[str]
     training_attempt: str
     parent_champion: str | None
+    tuned_from: str | None = None  # "<study> trial <n>" when the training took a tune run's values
     compared_with_champion: str | None
     code_version: str
     wandb_run_id: str | None
@@ -102,6 +103,7 @@ class ModelCard(BaseModel, frozen=True):
     output: OutputSpec = OutputSpec()
     model: ModelConfig
     augment: AugmentConfig | None = None  # the training recipe (cards before recipes have none)
+    optim: OptimConfig | None = None  # the optimisation settings, tuned ones included (older cards have none)
     metrics: CardMetrics
     export: ExportSummary
     gates: CardGates
@@ -117,7 +119,7 @@ class ModelCard(BaseModel, frozen=True):
 def build_card(
     model: ModelConfig, class_names: list[str], resize: str, mode: str, candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
     evaluation_gate: GateDecision, export_gate: GateVerdict, served_ece: float, served_gate: GateDecision,
-    lineage: Lineage, augment: AugmentConfig,
+    lineage: Lineage, augment: AugmentConfig, optim: OptimConfig | None,
 ) -> ModelCard:
     """The card of a candidate exported to ONNX: what it is, how it scored, and what the gates said."""
     return ModelCard(
@@ -126,6 +128,7 @@ def build_card(
         input=InputSpec(height=model.resolution, width=model.resolution, resize=resize, mode=mode),
         model=model,
         augment=augment,
+        optim=optim,
         metrics=CardMetrics(
             test_accuracy=candidate.accuracy,
             test_macro_f1=candidate.macro_f1,

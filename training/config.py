@@ -149,6 +149,8 @@ RECIPES: dict[str, AugmentConfig] = {
 
 # What `training.fit` writes into `FitConfig.run_dir` when rank 0 finishes; the orchestrator reads it.
 RESULT_FILE = "result.json"
+# What `training.tune` writes into the study's folder: the best values, every trial, the plots.
+TUNED_FILE = "tuned.json"
 
 
 class FitConfig(BaseModel):
@@ -161,6 +163,7 @@ class FitConfig(BaseModel):
     wandb_save_dir: Path = Field(description="W&B writes its runs to <this>/wandb (the data root).")
     wandb_project: str = "flywheel"
     run_name: str = "train"
+    wandb_group: str | None = Field(None, description="W&B group of the run (a tuning study's trials share one).")
     tags: dict[str, str] = Field(default_factory=dict, description="Short labels for the W&B run (64 characters each).")
     reason: str = Field("manual", description="Why this training runs (the retraining policy's reasons); the W&B run's notes.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -172,3 +175,64 @@ class FitConfig(BaseModel):
     audit_examples: bool = Field(
         False, description="Each rank writes a digest of every image of its first epoch to run_dir/audit/ (data-sharding checks)."
     )
+
+
+class SearchSpace(BaseModel):
+    """What the `tune` job varies: ranges around the training defaults (rates on a log scale)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: tuple[float, float] = Field((1e-3, 1e-2), description="Peak learning rate at reference_batch (log scale).")
+    weight_decay: tuple[float, float] = Field((1e-5, 1e-2), description="Weight decay (log scale).")
+    label_smoothing: tuple[float, float] = Field((0.0, 0.15), description="Label smoothing.")
+    backbone_lr_ratio: tuple[float, float] = Field(
+        (0.03, 1.0), description="The backbone's learning rate relative to the head's (log scale); searched only when "
+        "training starts from pretrained weights.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchSpace":
+        for name in type(self).model_fields:
+            low, high = getattr(self, name)
+            if not 0 <= low < high:
+                raise ValueError(f"{name}: the range must be [low, high] with 0 <= low < high, got [{low}, {high}]")
+        return self
+
+
+class TuneConfig(BaseModel):
+    """Everything `training.tune` needs: the training every trial varies, and the study's budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: FitConfig = Field(description="The configured training; each trial changes only the searched fields.")
+    study_name: str = Field(description="Same data and base training -> same study: a later tune adds trials to it.")
+    storage: Path = Field(description="Optuna's journal file (append-only, safe to resume).")
+    trials: int = Field(12, ge=1, description="Trials each tune run adds to the study.")
+    timeout_minutes: float | None = Field(None, gt=0, description="Stop starting new trials after this long (None: no limit).")
+    trial_epochs: int | None = Field(None, ge=1, description="Epochs of each trial (None: the training's own).")
+    startup_trials: int = Field(
+        4, ge=1, description="Trials sampled at random before the sampler (TPE) models the space and before pruning starts.",
+    )
+    warmup_epochs: int = Field(2, ge=0, description="Epochs a trial always runs before it can be pruned.")
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+
+class TunedHyperparameters(BaseModel):
+    """The best trial of a study: what the next retraining takes (`trained_model`'s use_tuned)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study: str
+    trial: int
+    val_accuracy: float
+    backbone: str
+    pretrained: str | None
+    values: dict[str, float] = Field(description="Training setting -> value (the names of OptimConfig and AugmentConfig).")
+
+    def mismatch(self, model: ModelConfig) -> str | None:
+        """Why these values do not fit a training of `model` (a different network or start), else None."""
+        pretrained = str(model.pretrained) if model.pretrained else None
+        if (self.backbone, self.pretrained) != (model.backbone, pretrained):
+            return (f"tuned for backbone {self.backbone} from {self.pretrained or 'scratch'}, this training is "
+                    f"{model.backbone} from {pretrained or 'scratch'}")
+        return None

@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,7 +130,10 @@ def recipe_callbacks(config: FitConfig) -> list[Callback]:
     return callbacks
 
 
-def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) -> FitResult:
+def fit(
+    config: FitConfig, log=lambda message: print(message, file=sys.stderr), callbacks: Sequence[Callback] = (),
+) -> FitResult:
+    """Train as `config` says; `callbacks` join the recipe's (a tuning trial's pruning callback)."""
     started = time.perf_counter()
     L.seed_everything(config.optim.seed, workers=True, verbose=False)
     checkpoint_dir = config.run_dir / "checkpoints"
@@ -156,6 +160,7 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
     logger = WandbLogger(
         project=config.wandb_project,
         name=config.run_name,
+        group=config.wandb_group,
         save_dir=str(config.wandb_save_dir),
         mode=wandb_mode(),
         tags=[f"{key}:{value}" for key, value in config.tags.items()],
@@ -184,7 +189,7 @@ def fit(config: FitConfig, log=lambda message: print(message, file=sys.stderr)) 
         max_epochs=config.optim.epochs,
         logger=logger,
         callbacks=[checkpoints, EpochReporter(log), *recipe_callbacks(config)]
-        + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []),
+        + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []) + list(callbacks),
         use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,

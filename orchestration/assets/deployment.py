@@ -12,7 +12,7 @@ from pydantic import Field
 from orchestration.metadata import code_version, inputs_fingerprint, markdown_table
 from orchestration.resources import FlywheelHome
 from training.card import GateVerdict, Lineage, build_card
-from training.config import AugmentConfig, ModelConfig
+from training.config import AugmentConfig, ModelConfig, OptimConfig
 from training.gate import GateDecision, GatePolicy
 from training.registry import WEIGHTS_FILE, ModelVersion, Registry
 from training.results import ExportGatePolicy, Metrics
@@ -134,10 +134,12 @@ def _export_and_publish(
         served_ece=served.candidate.ece,
         served_gate=served.gate,
         augment=AugmentConfig.model_validate(trained_model["augment"]),
+        optim=OptimConfig.model_validate(trained_model["optim"]) if "optim" in trained_model else None,
         lineage=Lineage(
             training_batches=trained_model["training_batches"],
             training_attempt=trained_model["attempt"],
             parent_champion=trained_model["parent_champion"],
+            tuned_from=trained_model.get("tuned_from"),
             compared_with_champion=model_evaluation["champion_version"],
             code_version=code_version(),
             wandb_run_id=trained_model["wandb_run_id"],

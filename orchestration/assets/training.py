@@ -6,16 +6,27 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
+import polars as pl
 from pydantic import Field, field_validator, model_validator
 
-from orchestration.metadata import inputs_fingerprint
-from orchestration.resources import FlywheelHome, TrainingCompute
-from training.config import RECIPES, RESULT_FILE, AugmentConfig, FitConfig, ModelConfig, OptimConfig, backbone_source
+from orchestration.io_manager import value_path
+from orchestration.metadata import inputs_fingerprint, markdown_image, markdown_table
+from orchestration.resources import FlywheelHome, TrainingCompute, environment_executable
+from training.config import (
+    RECIPES, RESULT_FILE, TUNED_FILE, AugmentConfig, FitConfig, ModelConfig, OptimConfig, SearchSpace, TuneConfig, TunedHyperparameters,
+    backbone_source,
+)
 from training.distributed_run import FAILURE_FILE_ENV
-from training.registry import Registry
+from training.registry import ModelVersion, Registry
 
 
 MODEL_FIELDS, OPTIM_FIELDS, AUGMENT_FIELDS = ModelConfig.model_fields, OptimConfig.model_fields, AugmentConfig.model_fields
+TUNE_FIELDS = TuneConfig.model_fields
+
+
+def _search_range(name: str) -> object:
+    field = SearchSpace.model_fields[name]
+    return Field(list(field.default), description=f"{field.description} [low, high].")
 
 
 def _recipe_override(name: str) -> object:
@@ -56,6 +67,10 @@ class TrainingConfig(dg.Config):
     ema_decay: float | None = _recipe_override("ema_decay")
     start_resolution: int | None = _recipe_override("start_resolution")
     warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
+    use_tuned: bool = Field(
+        True, description="Take the values of the best trial of the latest tune run (tuned_hyperparameters) for the "
+        "fields it searched, when it tuned this backbone and start; off: these settings as they are.",
+    )
 
     def model(self, num_classes: int, resolution: int, pretrained_dir: Path) -> ModelConfig:
         return ModelConfig(
@@ -93,12 +108,78 @@ def attempt_id(datasets: dict, fit_payload: dict, pretrained: Path | None) -> st
     return inputs_fingerprint([datasets["splits"], fit_payload, stamp])
 
 
+def fit_config(
+    context: dg.AssetExecutionContext, config: TrainingConfig, flywheel: FlywheelHome, compute: dict,
+    ffcv_datasets: dict, warm_start: str | None, run_root: Path, run_prefix: str,
+) -> FitConfig:
+    """The training `config` asks for, in an attempt folder under `run_root` named by its inputs. A
+    configured pretrained file that is missing fails here, with what to fetch, before anything launches."""
+    model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"], flywheel.pretrained)
+    if model.pretrained and not model.pretrained.is_file():
+        from training.backbones import missing_weights_message
+
+        raise dg.Failure(description=missing_weights_message(model.backbone, model.pretrained))
+    payload = {
+        "model": model.model_dump(mode="json"),
+        "optim": config.optim().model_dump(),
+        "augment": config.augment().model_dump(mode="json"),
+        "compute": compute,
+        "warm_start": warm_start,
+    }
+    run_dir = run_root / attempt_id(ffcv_datasets, payload, model.pretrained)
+    return FitConfig(
+        beton_dir=Path(ffcv_datasets["dir"]),
+        run_dir=run_dir,
+        wandb_save_dir=flywheel.root,
+        run_name=f"{run_prefix}-{run_dir.name}",
+        tags={"dagster_run": context.run_id},
+        reason=context.run.tags.get("flywheel/reason", "manual"),
+        **payload,
+    )
+
+
+def tuned_values(flywheel: FlywheelHome) -> TunedHyperparameters | None:
+    """The best configuration of the latest `tune` run, if there was one."""
+    stored = value_path(flywheel, dg.AssetKey("tuned_hyperparameters"), None)
+    return TunedHyperparameters.model_validate(json.loads(stored.read_text())["best"]) if stored.exists() else None
+
+
+def with_tuned_values(context: dg.AssetExecutionContext, config: TrainingConfig, flywheel: FlywheelHome, ffcv_datasets: dict) -> tuple[TrainingConfig, dict]:
+    """`config` with the best tuning trial's values when there is one for this backbone and start
+    (and use_tuned is on), and the metadata that says what was taken."""
+    tuned = tuned_values(flywheel) if config.use_tuned else None
+    if tuned is None:
+        return config, {"tuned_from": "none"}
+    model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"], flywheel.pretrained)
+    if reason := tuned.mismatch(model):
+        context.log.warning(f"tuned hyperparameters of study {tuned.study} not used: {reason}")
+        return config, {"tuned_from": f"none ({reason})"}
+    changes = ", ".join(f"{name} {getattr(config, name)} -> {value:.4g}" for name, value in tuned.values.items())
+    context.log.info(f"tuned hyperparameters of study {tuned.study} trial {tuned.trial} (val accuracy {tuned.val_accuracy:.4f}): {changes}")
+    return config.model_copy(update=tuned.values), {
+        "tuned_from": f"{tuned.study} trial {tuned.trial}", "tuned_values": dg.MetadataValue.json(tuned.values),
+    }
+
+
+def champion_warm_start(context: dg.AssetExecutionContext, champion: ModelVersion | None, config: TrainingConfig) -> str | None:
+    """The champion's weights to start from, when it is the same network (a new head is fine)."""
+    if champion is None:
+        return None
+    backbone = champion.card().model.backbone
+    if backbone != config.backbone:
+        context.log.warning(f"no warm start: the champion {champion.version} is a {backbone}, this training a {config.backbone}")
+        return None
+    return str(champion.weights)
+
+
 @dg.asset(
     description="A candidate classifier trained with Lightning on the FFCV datasets (DDP when several "
-    "processes run), checkpointed every epoch and logged to W&B.",
+    "processes run), checkpointed every epoch and logged to W&B. Takes the best values of the latest "
+    "tune run (tuned_hyperparameters) unless use_tuned is off.",
     group_name="training",
     kinds={"pytorch", "wandb"},
     pool="gpu",
+    deps=["tuned_hyperparameters"],
 )
 def trained_model(
     context: dg.AssetExecutionContext,
@@ -108,32 +189,13 @@ def trained_model(
     ffcv_datasets: dict,
 ) -> dg.Output[dict]:
     champion = Registry(flywheel.registry).champion()
-    model = config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"], flywheel.pretrained)
-    if model.pretrained and not model.pretrained.is_file():
-        from training.backbones import missing_weights_message
-
-        raise dg.Failure(description=missing_weights_message(model.backbone, model.pretrained))
-    optim = config.optim()
-    payload = {
-        "model": model.model_dump(mode="json"),
-        "optim": optim.model_dump(),
-        "augment": config.augment().model_dump(mode="json"),
-        "compute": compute.compute_config(),
-        "warm_start": str(champion.weights) if champion and config.warm_start else None,
-    }
-    run_dir = flywheel.checkpoints / attempt_id(ffcv_datasets, payload, model.pretrained)
-    fit_config = FitConfig(
-        beton_dir=Path(ffcv_datasets["dir"]),
-        run_dir=run_dir,
-        wandb_save_dir=flywheel.root,
-        run_name=f"train-{run_dir.name}",
-        tags={"dagster_run": context.run_id},
-        reason=context.run.tags.get("flywheel/reason", "manual"),
-        **payload,
-    )
+    config, tuned_metadata = with_tuned_values(context, config, flywheel, ffcv_datasets)
+    warm_start = champion_warm_start(context, champion, config) if config.warm_start else None
+    fit = fit_config(context, config, flywheel, compute.compute_config(), ffcv_datasets, warm_start, flywheel.checkpoints, "train")
+    run_dir = fit.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "fit_config.json"
-    config_path.write_text(fit_config.model_dump_json(indent=2))
+    config_path.write_text(fit.model_dump_json(indent=2))
     context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.torchrun_command(config_path))}")
 
     failure_file = run_dir / "failure.txt"
@@ -155,9 +217,83 @@ def trained_model(
     value = {
         **result,
         "attempt": run_dir.name,
-        "model": model.model_dump(mode="json"),
-        "augment": payload["augment"],
+        "model": fit.model.model_dump(mode="json"),
+        "augment": fit.augment.model_dump(mode="json"),
+        "optim": fit.optim.model_dump(),
+        "tuned_from": tuned_metadata["tuned_from"],
         "training_batches": ffcv_datasets["splits"]["train"]["batches"],
         "parent_champion": champion.version if champion else None,
     }
-    return dg.Output(value, metadata={**reported, "attempt": run_dir.name, "training_batches": len(value["training_batches"])})
+    return dg.Output(value, metadata={
+        **reported, **tuned_metadata, "attempt": run_dir.name, "training_batches": len(value["training_batches"]),
+    })
+
+
+class TuneJobConfig(dg.Config):
+    """The search around `trained_model`'s settings (flywheel.yaml's trained_model section). Defaults
+    and descriptions are `training.config`'s."""
+
+    trials: int = TUNE_FIELDS["trials"]
+    timeout_minutes: float | None = TUNE_FIELDS["timeout_minutes"]
+    trial_epochs: int | None = TUNE_FIELDS["trial_epochs"]
+    startup_trials: int = TUNE_FIELDS["startup_trials"]
+    warmup_epochs: int = TUNE_FIELDS["warmup_epochs"]
+    learning_rate: list[float] = _search_range("learning_rate")
+    weight_decay: list[float] = _search_range("weight_decay")
+    label_smoothing: list[float] = _search_range("label_smoothing")
+    backbone_lr_ratio: list[float] = _search_range("backbone_lr_ratio")
+
+    @model_validator(mode="after")
+    def _valid_space(self) -> "TuneJobConfig":
+        self.space()
+        return self
+
+    def space(self) -> SearchSpace:
+        return SearchSpace(**self.model_dump(include=set(SearchSpace.model_fields)))
+
+
+@dg.asset(
+    description="Optuna's search over the training's learning rate, weight decay, label smoothing (and, "
+    "from pretrained weights, the backbone's rate ratio): trials of the configured training, pruned "
+    "after each epoch when below the median, each a W&B run of the study's group. Its best values are "
+    "what the next trained_model uses; the promotion gates still decide what ships.",
+    group_name="training",
+    kinds={"optuna", "pytorch", "wandb"},
+    pool="gpu",
+)
+def tuned_hyperparameters(
+    context: dg.AssetExecutionContext,
+    config: TuneJobConfig,
+    flywheel: FlywheelHome,
+    compute: TrainingCompute,
+    ffcv_datasets: dict,
+) -> dg.Output[dict]:
+    from orchestration.settings import current_settings  # here: the settings module imports this one
+
+    training = TrainingConfig(**current_settings(flywheel).get("trained_model", {}))
+    # One process on one device: trials run one after another in it, so FFCV's compiled pipeline and
+    # the CUDA context are paid for once, not per trial.
+    single = compute.compute_config() | {"devices": 1, "num_nodes": 1, "strategy": "auto"}
+    base = fit_config(context, training, flywheel, single, ffcv_datasets, None, flywheel.tuning, "tune")
+    study = base.run_dir.name
+    tune = TuneConfig(
+        base=base, study_name=f"study-{study}", storage=flywheel.tuning / f"{study}.journal",
+        space=config.space(), **config.model_dump(include=set(TUNE_FIELDS) - {"space"}),
+    )
+    base.run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = base.run_dir / "tune_config.json"
+    config_path.write_text(tune.model_dump_json(indent=2))
+    context.log.info(f"study {tune.study_name}: {config.trials} more trials, journal {tune.storage}")
+    invocation = dg.PipesSubprocessClient().run(
+        command=[environment_executable("python"), "-m", "training.tune", str(config_path)],
+        context=context,
+        env={"PYTHONUNBUFFERED": "1"},
+    )
+    reported = invocation.get_materialize_result().metadata or {}
+    result = json.loads((base.run_dir / TUNED_FILE).read_text())
+    trials = pl.DataFrame(result["trials"]).with_columns(pl.col("val_accuracy").round(4))
+    return dg.Output(result, metadata={
+        **reported,
+        "trials": markdown_table(trials),
+        **{Path(plot).stem: markdown_image(Path(plot), Path(plot).stem) for plot in result["plots"]},
+    })

@@ -60,11 +60,13 @@ def image(tmp_path: Path) -> Path:
         ("trained_model: {backbone: resnet19}\n", ["trained_model.backbone: unknown backbone 'resnet19': one of resnet_small, resnet18", "timm/<name>"]),
         ("trained_model: {recipe: photo}\n", ["trained_model: unknown augmentation recipe 'photo': one of none, small_images, photos"]),
         ("trained_model: {start_resolution: 16}\n", ["trained_model: start_resolution (progressive resizing) needs random_resized_crop: true"]),
+        ("tuned_hyperparameters: {learning_rate: [0.01, 0.001]}\n", ["tuned_hyperparameters: learning_rate: the range must be [low, high] with 0 <= low < high, got [0.01, 0.001]"]),
+        ("tuned_hyperparameters: {trials: 0}\n", ["tuned_hyperparameters.trials", "greater than or equal to 1"]),
     ],
     ids=[
         "zero epochs", "negative epochs", "unknown setting", "unknown asset", "entry not a mapping", "broken yaml",
         "list at top level", "one class", "bad class name", "duplicate class", "tiny resolution",
-        "unknown backbone", "unknown recipe", "growing crops without crops",
+        "unknown backbone", "unknown recipe", "growing crops without crops", "reversed search range", "no trials",
     ],
 )
 def test_malformed_settings_are_refused_before_anything_runs(home: Path, tmp_path: Path, capsys, text: str, expected: list[str]):
