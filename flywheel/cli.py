@@ -167,7 +167,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     best = tuned["best"]
     values = ", ".join(f"{name} {value:.4g}" for name, value in best["values"].items())
     print(f"study {best['study']}: {tuned['added']} trials added ({tuned['complete']} complete, {tuned['pruned']} pruned "
-          f"in the study so far); best trial {best['trial']}: val accuracy {best['val_accuracy']:.4f} with {values}")
+          f"in the study so far); best trial {best['trial']}: val loss {best['val_loss']:.4f}, accuracy "
+          f"{best['val_accuracy']:.4f} with {values}")
     print("the next retraining of this backbone uses these values (trained_model's use_tuned); the gates still decide what ships")
 
 

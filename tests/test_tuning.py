@@ -73,6 +73,9 @@ def test_the_tune_job_finds_values_that_the_next_trained_model_uses(digits_split
     metadata = tuned.asset_materializations_for_node("tuned_hyperparameters")[0].metadata
     best = tuned.output_for_node("tuned_hyperparameters")["best"]
     assert metadata["trials_added"].value == 2 and metadata["best_trial"].value == best["trial"]
+    assert metadata["best_val_loss"].value == best["val_loss"] == min(
+        row["val_loss"] for row in tuned.output_for_node("tuned_hyperparameters")["trials"] if row["state"] == "complete"
+    )
     assert "| trial | state" in metadata["trials"].value
     assert metadata["intermediate_values"].value.startswith("![intermediate_values](data:image/png;base64,")
 

@@ -224,6 +224,7 @@ class TunedHyperparameters(BaseModel):
 
     study: str
     trial: int
+    val_loss: float = Field(description="The trial's validation cross-entropy: what the study minimises.")
     val_accuracy: float
     backbone: str
     pretrained: str | None

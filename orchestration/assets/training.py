@@ -155,7 +155,10 @@ def with_tuned_values(context: dg.AssetExecutionContext, config: TrainingConfig,
         context.log.warning(f"tuned hyperparameters of study {tuned.study} not used: {reason}")
         return config, {"tuned_from": f"none ({reason})"}
     changes = ", ".join(f"{name} {getattr(config, name)} -> {value:.4g}" for name, value in tuned.values.items())
-    context.log.info(f"tuned hyperparameters of study {tuned.study} trial {tuned.trial} (val accuracy {tuned.val_accuracy:.4f}): {changes}")
+    context.log.info(
+        f"tuned hyperparameters of study {tuned.study} trial {tuned.trial} (val loss {tuned.val_loss:.4f}, accuracy "
+        f"{tuned.val_accuracy:.4f}): {changes}"
+    )
     return config.model_copy(update=tuned.values), {
         "tuned_from": f"{tuned.study} trial {tuned.trial}", "tuned_values": dg.MetadataValue.json(tuned.values),
     }
@@ -254,8 +257,8 @@ class TuneJobConfig(dg.Config):
 
 @dg.asset(
     description="Optuna's search over the training's learning rate, weight decay, label smoothing (and, "
-    "from pretrained weights, the backbone's rate ratio): trials of the configured training, pruned "
-    "after each epoch when below the median, each a W&B run of the study's group. Its best values are "
+    "from pretrained weights, the backbone's rate ratio) for the lowest validation cross-entropy: trials "
+    "of the configured training, pruned after an epoch worse than the median, each a W&B run of the study's group. Its best values are "
     "what the next trained_model uses; the promotion gates still decide what ships.",
     group_name="training",
     kinds={"optuna", "pytorch", "wandb"},
@@ -291,7 +294,7 @@ def tuned_hyperparameters(
     )
     reported = invocation.get_materialize_result().metadata or {}
     result = json.loads((base.run_dir / TUNED_FILE).read_text())
-    trials = pl.DataFrame(result["trials"]).with_columns(pl.col("val_accuracy").round(4))
+    trials = pl.DataFrame(result["trials"]).with_columns(pl.col("val_loss", "val_accuracy").round(4))
     return dg.Output(result, metadata={
         **reported,
         "trials": markdown_table(trials),
