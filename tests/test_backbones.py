@@ -159,3 +159,12 @@ def test_a_warm_start_needs_the_champions_network(tmp_path: Path):
     assert champion_warm_start(context, champion, TrainingConfig()) == str(tmp_path / "weights.safetensors")
     assert champion_warm_start(context, champion, TrainingConfig(backbone="resnet18")) is None
     assert champion_warm_start(context, None, TrainingConfig()) is None
+
+
+def test_batchnorm_statistics_follow_a_short_training_unless_the_library_momentum_is_asked_for():
+    def momenta(config: ModelConfig) -> set[float]:
+        network = build_network(config)
+        return {m.momentum for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert momenta(ModelConfig(backbone="mobilenetv3_small")) == {0.1}
+    assert momenta(ModelConfig(backbone="mobilenetv3_small", batchnorm_momentum=None)) == {0.01}  # torchvision's

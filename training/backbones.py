@@ -147,9 +147,12 @@ def _last_linear(network: nn.Module) -> tuple[str, nn.Linear]:
 
 def build_network(config: ModelConfig) -> Classifier:
     """The untrained network `config.backbone` names (weights from `load_pretrained` or a champion)."""
-    if config.backbone == "resnet_small":
-        return SmallResNet(config)
-    return LibraryBackbone(config)
+    network = SmallResNet(config) if config.backbone == "resnet_small" else LibraryBackbone(config)
+    if config.batchnorm_momentum is not None:
+        for module in network.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = config.batchnorm_momentum
+    return network
 
 
 class PretrainedWeightsError(ValueError):

@@ -73,6 +73,11 @@ class ModelConfig(BaseModel):
     blocks_per_stage: int = Field(1, ge=1, description="resnet_small: residual blocks in each of its three stages (1: ResNet-8).")
     num_classes: int = Field(10, ge=2, description="Labels are 0 .. num_classes - 1 (10 for the digits default).")
     resolution: int = Field(32, ge=8, le=1024, description="Square training and serving resolution in pixels (H = W).")
+    batchnorm_momentum: float | None = Field(
+        0.1, gt=0, le=1, description="Momentum of every BatchNorm's running statistics (PyTorch's default; None: the "
+        "library's). torchvision's MobileNetV3 ships 0.01, meant for ImageNet's ~450k steps: after a few hundred steps its "
+        "statistics are still near their start, and evaluation, which uses them, is at chance (README: Backbones).",
+    )
     test_time_flip: bool = Field(False, description="Average the logits of each image and its mirror image (validation, evaluation and the served model).")
 
     @field_validator("backbone")

@@ -55,6 +55,7 @@ class TrainingConfig(dg.Config):
     backbone_lr_ratio: float = OPTIM_FIELDS["backbone_lr_ratio"]
     seed: int = OPTIM_FIELDS["seed"]
     test_time_flip: bool = MODEL_FIELDS["test_time_flip"]
+    batchnorm_momentum: float | None = MODEL_FIELDS["batchnorm_momentum"]
     recipe: str = Field(
         "small_images", description=f"Augmentation recipe: {', '.join(RECIPES)} (training.config.RECIPES); the fields below override it.",
     )
