@@ -37,6 +37,17 @@ def test_flips_mirror_images_and_cutout_blanks_one_square(digits_splits: dict):
     assert all(changed[i].any(axis=2).sum() <= 64 for i in range(64)) and changed.any(axis=(1, 2, 3)).mean() > 0.5
 
 
+def test_color_jitter_changes_brightness_and_contrast_and_keeps_grey_images_grey(digits_splits: dict):
+    path, stored = digits_splits["dir"] / "train.beton", digits_splits["images"]["train"][:64]
+    jittered = first_batch(path, AugmentConfig(color_jitter=0.4)).astype(int)
+    changed = [not np.array_equal(a, b) for a, b in zip(jittered, stored)]
+    assert 16 < sum(changed) < 64  # each of three transforms touches about half the images
+    assert (jittered[..., 0] == jittered[..., 1]).all() and (jittered[..., 1] == jittered[..., 2]).all()
+    means = jittered.mean(axis=(1, 2, 3)) / stored.astype(int).mean(axis=(1, 2, 3))
+    assert means.min() < 0.95 or means.max() > 1.05  # brightness moved, by at most the magnitude and rounding
+    assert (means > 0.5).all() and (means < 1.5).all()
+
+
 def test_translation_shifts_the_content_within_the_padding(digits_splits: dict):
     path, stored = digits_splits["dir"] / "train.beton", digits_splits["images"]["train"][:64]
     shifted = first_batch(path, AugmentConfig(translate=2))

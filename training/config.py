@@ -126,6 +126,10 @@ class AugmentConfig(BaseModel):
     horizontal_flip: bool = Field(False, description="Mirror half the images; for photos, never for digits or text.")
     translate: int = Field(0, ge=0, description="Shift by up to this many pixels (zero fill).")
     cutout: int = Field(0, ge=0, description="Blank a square of this side at a random place (Cutout).")
+    color_jitter: float = Field(
+        0.0, ge=0, lt=1, description="Photometric variety: brightness, contrast and saturation each scaled by a random "
+        "factor in [1 - this, 1 + this], each for half the images (0: off; ~0.4 for photos from varied cameras and light).",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Share of each label's probability spread over the other classes.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="Validate and ship an exponential moving average of the weights with this decay (0: off; ~0.999 for long runs).")
     start_resolution: int | None = Field(

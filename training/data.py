@@ -29,6 +29,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Cutout, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor
+from ffcv.transforms.color_jitter import RandomBrightness, RandomContrast, RandomSaturation
 from ffcv.reader import Reader
 from ffcv.types import HeaderType
 from ffcv.utils import align_to_page
@@ -285,6 +286,10 @@ def image_pipeline(
         pipeline.append(RandomTranslate(padding=augment.translate))
     if augment.cutout:
         pipeline.append(Cutout(augment.cutout))
+    if augment.color_jitter:
+        pipeline += [
+            RandomBrightness(augment.color_jitter), RandomContrast(augment.color_jitter), RandomSaturation(augment.color_jitter),
+        ]
     pipeline.append(ToTensor())
     if device is not None and device.type == "cuda":
         pipeline.append(ToDevice(device, non_blocking=True))

@@ -9,11 +9,17 @@ When a worker fails, torchrun prints a table and a traceback of its own; the lau
 (and, when `FAILURE_FILE_ENV` names a file, that file) says in one line which worker died and how:
 the signal for a native crash or a kill, the exception for a Python error."""
 
+import argparse
 import ctypes
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 FAILURE_FILE_ENV = "FLYWHEEL_TRAINING_FAILURE_FILE"
@@ -28,6 +34,16 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the parent was already gone before the request took effect
         sys.exit("training launcher: the process that started training has ended; not starting")
+
+
+def entry_config(model: type[ConfigModel], description: str, argv: list[str] | None) -> ConfigModel:
+    """The typed config whose JSON file is this entry point's one argument; the process is tied to
+    its launcher first."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("config", type=Path, help=f"{model.__name__} as JSON")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    return model.model_validate_json(args.config.read_text())
 
 
 def describe_failure(error) -> str:

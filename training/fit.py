@@ -8,7 +8,6 @@ best weights as safetensors, and `result.json`. Launching the same attempt again
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from training.config import RESULT_FILE, ComputeConfig, FitConfig
 from training.data import FFCVDataModule
-from training.distributed_run import die_with_parent
+from training.distributed_run import entry_config
 from training.backbones import load_pretrained
 from training.model import FreezeBackbone, LitClassifier, ProgressiveResizing
 from training.inference import load_weights
@@ -229,11 +228,7 @@ def fit(
 
 @record  # a failing rank leaves its exception in torchrun's error file: the launcher's one-line failure
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a flywheel classifier on FFCV datasets (run under torchrun).")
-    parser.add_argument("config", type=Path, help="FitConfig as JSON")
-    args = parser.parse_args(argv)
-    die_with_parent()
-    config = FitConfig.model_validate_json(args.config.read_text())
+    config = entry_config(FitConfig, "Train a flywheel classifier on FFCV datasets (run under torchrun).", argv)
 
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 

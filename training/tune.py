@@ -15,7 +15,6 @@ against the champion's 0.058).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -31,7 +30,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna_integration import PyTorchLightningPruningCallback
 
 from training.config import TUNED_FILE, AugmentConfig, FitConfig, OptimConfig, SearchSpace, TuneConfig, TunedHyperparameters
-from training.distributed_run import die_with_parent
+from training.distributed_run import entry_config
 
 LOG_SCALE = {"learning_rate", "weight_decay", "backbone_lr_ratio"}
 
@@ -204,11 +203,7 @@ def tune(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Search a flywheel training's hyperparameters with Optuna.")
-    parser.add_argument("config", type=Path, help="TuneConfig as JSON")
-    args = parser.parse_args(argv)
-    die_with_parent()
-    config = TuneConfig.model_validate_json(args.config.read_text())
+    config = entry_config(TuneConfig, "Search a flywheel training's hyperparameters with Optuna.", argv)
 
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 

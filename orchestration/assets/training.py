@@ -64,6 +64,7 @@ class TrainingConfig(dg.Config):
     horizontal_flip: bool | None = _recipe_override("horizontal_flip")
     translate: int | None = _recipe_override("translate")
     cutout: int | None = _recipe_override("cutout")
+    color_jitter: float | None = _recipe_override("color_jitter")
     label_smoothing: float | None = _recipe_override("label_smoothing")
     ema_decay: float | None = _recipe_override("ema_decay")
     start_resolution: int | None = _recipe_override("start_resolution")
