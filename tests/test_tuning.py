@@ -24,7 +24,7 @@ def test_trials_are_pruned_logged_and_resumed_and_the_baseline_is_trial_zero(dig
     from training.tune import tune
 
     base = FitConfig(
-        beton_dir=digits_splits["dir"], run_dir=tmp_path / "study", wandb_save_dir=tmp_path, wandb_group="study-a",
+        beton_dir=digits_splits["dir"], run_dir=tmp_path / "study", wandb_save_dir=tmp_path,
         model=ModelConfig(width=16), optim=OptimConfig(epochs=3, batch_size=64, learning_rate=2e-3),
     )
     config = TuneConfig(base=base, study_name="study-a", storage=tmp_path / "study-a.journal", trials=3)
@@ -41,6 +41,7 @@ def test_trials_are_pruned_logged_and_resumed_and_the_baseline_is_trial_zero(dig
 
     pruned_run = read_offline_run(find_offline_run(tmp_path / "wandb", result.trials[1]["wandb_run"]))
     assert pruned_run.summary["optuna/state"] == "pruned"
+    assert pruned_run.group == "study-a"  # a study's trials are one W&B group
     assert pruned_run.config["optim"]["learning_rate"] == pytest.approx(result.trials[1]["learning_rate"], rel=1e-3)
     assert not list((tmp_path / "study").glob("trial-*/checkpoints"))  # only configurations are kept
 

@@ -64,6 +64,7 @@ def log_monitoring(report: dict, save_dir: Path, project: str = "flywheel") -> s
 @dataclass
 class OfflineRun:
     run_id: str
+    group: str = ""
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -89,7 +90,9 @@ def read_offline_run(path: Path) -> OfflineRun:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "run":
+            run.group = record.run.run_group
+        elif kind == "history":
             run.history.append(_items(record.history.item))
         elif kind == "summary":
             run.summary.update(_items(record.summary.update))

@@ -59,7 +59,7 @@ def base_values(base: FitConfig, fields: list[str]) -> dict[str, float]:
     return {name: getattr(base.optim if name in OptimConfig.model_fields else base.augment, name) for name in fields}
 
 
-def trial_config(base: FitConfig, values: dict[str, float], folder: Path, name: str, epochs: int | None) -> FitConfig:
+def trial_config(base: FitConfig, values: dict[str, float], folder: Path, study: str, number: int, epochs: int | None) -> FitConfig:
     """`base` with a trial's values, its own folder and W&B run (grouped by study), never a warm start."""
     optim = {k: v for k, v in values.items() if k in OptimConfig.model_fields} | ({"epochs": epochs} if epochs else {})
     augment = {k: v for k, v in values.items() if k in AugmentConfig.model_fields}
@@ -67,7 +67,8 @@ def trial_config(base: FitConfig, values: dict[str, float], folder: Path, name: 
         "optim": base.optim.model_copy(update=optim),
         "augment": base.augment.model_copy(update=augment),
         "run_dir": folder,
-        "run_name": name,
+        "run_name": f"{study}-trial{number}",
+        "wandb_group": study,
         "warm_start": None,
     })
 
@@ -152,7 +153,7 @@ def tune(
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, config.space, fields)
         trial_dir = folder / f"trial-{trial.number:04d}"
-        fit_config = trial_config(config.base, values, trial_dir, f"{config.study_name}-trial{trial.number}", config.trial_epochs)
+        fit_config = trial_config(config.base, values, trial_dir, config.study_name, trial.number, config.trial_epochs)
         described = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
         started = time.perf_counter()
         try:
