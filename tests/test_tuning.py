@@ -48,6 +48,7 @@ def test_trials_are_pruned_logged_and_resumed_and_the_baseline_is_trial_zero(dig
     # The journal resumes the study: a second run adds trials to it instead of starting over.
     again = tune(config.model_copy(update={"trials": 1}), log=lines.append, pruner=PruneAfterTheFirstTrial())
     assert (again.added, len(again.trials), again.best.trial) == (1, 4, 0)
+    assert again.trials[3]["learning_rate"] not in {row["learning_rate"] for row in again.trials[:3]}  # not a redraw
 
 
 def test_the_tune_job_finds_values_that_the_next_trained_model_uses(digits_splits: dict, home: Path):

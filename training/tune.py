@@ -49,7 +49,7 @@ class TuneResult:
         return json.dumps({**asdict(self), "best": self.best.model_dump()}, indent=2)
 
 
-def searched_fields(space: SearchSpace, base: FitConfig) -> list[str]:
+def searched_fields(base: FitConfig) -> list[str]:
     """The fields a study varies: the backbone's learning-rate ratio only matters for pretrained weights."""
     return [name for name in SearchSpace.model_fields if name != "backbone_lr_ratio" or base.model.pretrained]
 
@@ -79,12 +79,19 @@ def sample(trial: optuna.Trial, space: SearchSpace, fields: list[str]) -> dict[s
 
 def open_study(config: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     config.storage.parent.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(config.storage)))
+    # Seeded by the trials already there: a resumed study reseeded alike would draw its earlier random trials again.
+    earlier = (
+        len(optuna.load_study(study_name=config.study_name, storage=storage).trials)
+        if config.study_name in optuna.get_all_study_names(storage) else 0
+    )
+    seed = config.base.optim.seed + earlier
     return optuna.create_study(
         study_name=config.study_name,
-        storage=JournalStorage(JournalFileBackend(str(config.storage))),
+        storage=storage,
         direction="minimize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=config.base.optim.seed, n_startup_trials=config.startup_trials),
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials),
         pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials, n_warmup_steps=config.warmup_epochs),
     )
 
@@ -101,7 +108,7 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict:
         "epochs": len(trial.intermediate_values),
         "seconds": round(trial.duration.total_seconds(), 1) if trial.duration else None,
         "wandb_run": trial.user_attrs.get("wandb_run_id"),
-        **{name: float(f"{value:.4g}") for name, value in trial.params.items()},
+        **{name: float(f"{param:.4g}") for name, param in trial.params.items()},
     }
 
 
@@ -144,7 +151,7 @@ def tune(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from here instead
     study = open_study(config, pruner)
-    fields = searched_fields(config.space, config.base)
+    fields = searched_fields(config.base)
     before = len(study.trials)
     if not before:
         study.enqueue_trial(base_values(config.base, fields))
