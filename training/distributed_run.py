@@ -15,11 +15,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel
+if TYPE_CHECKING:  # the launcher itself validates no config: it starts without pydantic
+    from pydantic import BaseModel
 
-ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
+ConfigModel = TypeVar("ConfigModel", bound="BaseModel")
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 FAILURE_FILE_ENV = "FLYWHEEL_TRAINING_FAILURE_FILE"

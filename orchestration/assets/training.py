@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, field_validator, model_validator
 
-from orchestration.io_manager import value_path
+from orchestration.io_manager import stored_values
 from orchestration.metadata import inputs_fingerprint, markdown_image, markdown_table
 from orchestration.resources import FlywheelHome, TrainingCompute, environment_executable
 from training.config import (
@@ -142,8 +142,8 @@ def fit_config(
 
 def tuned_values(flywheel: FlywheelHome) -> TunedHyperparameters | None:
     """The best configuration of the latest `tune` run, if there was one."""
-    stored = value_path(flywheel, dg.AssetKey("tuned_hyperparameters"), None)
-    return TunedHyperparameters.model_validate(json.loads(stored.read_text())["best"]) if stored.exists() else None
+    stored = stored_values(flywheel, "tuned_hyperparameters")
+    return TunedHyperparameters.model_validate(stored[-1]["best"]) if stored else None
 
 
 def with_tuned_values(context: dg.AssetExecutionContext, config: TrainingConfig, flywheel: FlywheelHome, ffcv_datasets: dict) -> tuple[TrainingConfig, dict]:
