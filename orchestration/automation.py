@@ -114,7 +114,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) ->
         return dg.SkipReason("no champion and no transformed data yet")
     reports = latest_drift_reports(context.instance, flywheel)
     retraining_policy = flywheel.project.retraining
-    decision = decide(champion.card() if champion else None, reports, retraining_policy.accuracy_margin)
+    decision = decide(champion.card() if champion else None, reports, retraining_policy)
     if not decision.retrain:
         return dg.SkipReason(f"no retraining needed ({len(reports)} drift report(s) against {champion.version})")
     request = retraining_request(context.instance, flywheel, retraining_policy, decision)
@@ -135,7 +135,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) ->
 def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: FlywheelHome):
     retraining_policy = flywheel.project.retraining
     champion = Registry(flywheel.registry).champion()
-    decision = decide(champion.card() if champion else None, [], retraining_policy.accuracy_margin, schedule_due=True)
+    decision = decide(champion.card() if champion else None, [], retraining_policy, schedule_due=True)
     occasion = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
     request = retraining_request(context.instance, flywheel, retraining_policy, decision, occasion)
     return dg.SkipReason(request) if isinstance(request, str) else request

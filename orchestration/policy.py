@@ -2,8 +2,8 @@
 schedule apply it, and `flywheel run` evaluates those very sensors.
 
 Retrain when there is no champion; when a batch the champion has not trained on drifted; when the
-champion's accuracy on a batch's labels falls more than `accuracy_margin` below its test accuracy;
-or when the schedule is due.
+champion's accuracy on a batch's labels is significantly more than `accuracy_margin` below its test
+accuracy (`accuracy_drop`); or when the schedule is due.
 
 The memory is the Dagster instance itself: every retraining run carries the key of what it answers
 and trains on (the champion it would replace, the training data's version, the run settings, the
@@ -19,9 +19,11 @@ import json
 from dataclasses import dataclass, field
 
 import dagster as dg
+import numpy as np
 # Dagster's own check of the cron strings it accepts for a schedule.
 from dagster._utils.schedules import is_valid_cron_string
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from statsmodels.stats.proportion import test_proportions_2indep
 
 from orchestration.instance import ABANDONED_TAG
 from training.card import ModelCard
@@ -44,6 +46,10 @@ class RetrainingPolicy(BaseModel):
     accuracy_margin: float = Field(
         0.05, ge=0, le=1, description="Retrain when the champion's accuracy on a batch's new labels falls this far below its test accuracy.",
     )
+    accuracy_significance: float = Field(
+        0.05, gt=0, lt=1, description="...and the fall beyond the margin is significant at this level (one-sided test of two "
+        "proportions: the batch's labeled images against the test split), so a small batch needs a larger fall.",
+    )
     max_attempts: int = Field(
         2, ge=1, description="Tries of one retraining (same champion, data, settings and code) that end without a gate verdict.",
     )
@@ -57,13 +63,53 @@ class RetrainingPolicy(BaseModel):
 
 
 @dataclass(frozen=True)
+class AccuracyDrop:
+    """The champion's accuracy on a batch's labels against its accuracy on its test split (both int8, as served)."""
+
+    batch_accuracy: float
+    labeled: int
+    test_accuracy: float
+    test_examples: int
+    floor: float  # test accuracy - margin
+    p_value: float  # H0: the batch's accuracy is at least the floor
+    fell: bool
+
+    def describe(self, batch: str) -> str:
+        return (
+            f"champion accuracy on batch {batch}'s labels is {self.batch_accuracy:.3f} ({self.labeled} images), below its "
+            f"test accuracy {self.test_accuracy:.3f} ({self.test_examples} images) - margin {self.test_accuracy - self.floor:.2f} "
+            f"(p={self.p_value:.3g})"
+        )
+
+
+def accuracy_drop(report: dict, card: ModelCard, policy: RetrainingPolicy) -> AccuracyDrop | None:
+    """None for an unlabeled batch. A point estimate on a few dozen images misses the test accuracy by
+    several points by chance alone; the test asks whether the fall beyond the margin is real."""
+    if report["champion_accuracy"] is None or not report["labeled_rows"]:
+        return None
+    tested, test_examples = card.metrics.test_accuracy_int8, card.metrics.test_examples
+    labeled = report["labeled_rows"]
+    # Agresti-Caffo's interval for a difference, sound when an accuracy is 1 (its odds ratio, unused, divides by zero).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = test_proportions_2indep(
+            round(tested * test_examples), test_examples, round(report["champion_accuracy"] * labeled), labeled,
+            value=policy.accuracy_margin, compare="diff", alternative="larger",
+        )
+    return AccuracyDrop(
+        batch_accuracy=report["champion_accuracy"], labeled=labeled, test_accuracy=tested, test_examples=test_examples,
+        floor=tested - policy.accuracy_margin, p_value=float(result.pvalue),
+        fell=bool(result.pvalue < policy.accuracy_significance),
+    )
+
+
+@dataclass(frozen=True)
 class RetrainingDecision:
     retrain: bool
     reasons: list[str] = field(default_factory=list)
 
 
 def decide(
-    champion_card: ModelCard | None, drift_reports: list[dict], accuracy_margin: float, schedule_due: bool = False,
+    champion_card: ModelCard | None, drift_reports: list[dict], policy: RetrainingPolicy, schedule_due: bool = False,
 ) -> RetrainingDecision:
     """`drift_reports`: the latest `drift_report` value of each batch."""
     if champion_card is None:
@@ -79,13 +125,9 @@ def decide(
                 f"batch {batch} drifted ({100 * report['drifted_share']:.0f}% of image statistics, "
                 f"embedding MMD p={report['embedding']['p_value']:.3f})"
             )
-        accuracy = report["champion_accuracy"]
-        floor = champion_card.metrics.test_accuracy - accuracy_margin
-        if accuracy is not None and accuracy < floor:
-            reasons.append(
-                f"champion accuracy on batch {batch}'s labels is {accuracy:.3f}, below its test accuracy "
-                f"{champion_card.metrics.test_accuracy:.3f} - margin {accuracy_margin}"
-            )
+        drop = accuracy_drop(report, champion_card, policy)
+        if drop is not None and drop.fell:
+            reasons.append(drop.describe(batch))
     if schedule_due:
         reasons.append("the retraining schedule is due")
     return RetrainingDecision(bool(reasons), reasons)

@@ -6,7 +6,8 @@
     mode: rgb                    # rgb (default) or grayscale
     retraining:                  # when the loop retrains (orchestration.policy.RetrainingPolicy)
       schedule: "0 3 * * 1"      # cron, UTC: weekly on Monday at 03:00 (default)
-      accuracy_margin: 0.05      # retrain when labeled batch accuracy < test accuracy - this
+      accuracy_margin: 0.05      # retrain when labeled batch accuracy < test accuracy - this,
+      accuracy_significance: 0.05  # significantly at this level (a one-sided test of two proportions)
       max_attempts: 2            # tries of a retraining that ends without a gate verdict
 
 The same file holds per-asset run settings (`orchestration.settings`). With no file, the digits

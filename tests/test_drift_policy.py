@@ -32,32 +32,44 @@ def test_large_references_use_normalised_wasserstein():
     assert 0.4 < result.statistic < 0.6
 
 
-MARGIN = RetrainingPolicy().accuracy_margin
+POLICY = RetrainingPolicy()
 
 
 def card(version: str = "v0001", batches=("a",), accuracy: float = 0.98) -> ModelCard:
     return model_card(training_batches=batches, test_accuracy=accuracy).model_copy(update={"version": version})
 
 
-def report(batch: str, drift: bool = False, accuracy: float | None = None, champion: str = "v0001") -> dict:
+def report(batch: str, drift: bool = False, accuracy: float | None = None, champion: str = "v0001", labeled: int = 200) -> dict:
     return {
         "batch_id": batch, "champion": champion, "drifted": drift, "drifted_share": 0.6 if drift else 0.0,
         "embedding": {"p_value": 0.001 if drift else 0.5}, "champion_accuracy": accuracy,
+        "labeled_rows": labeled if accuracy is not None else 0,
     }
 
 
 def test_policy_retrains_without_a_champion_on_drift_and_on_an_accuracy_drop():
-    assert decide(None, [], MARGIN).retrain
-    assert not decide(card(), [report("b")], MARGIN).retrain
-    assert decide(card(), [report("b", drift=True)], MARGIN).retrain
-    assert decide(card(), [report("b", accuracy=0.80)], MARGIN).retrain
-    assert not decide(card(), [report("b", accuracy=0.95)], MARGIN).retrain
-    assert decide(card(), [], MARGIN, schedule_due=True).retrain
+    assert decide(None, [], POLICY).retrain
+    assert not decide(card(), [report("b")], POLICY).retrain
+    assert decide(card(), [report("b", drift=True)], POLICY).retrain
+    assert decide(card(), [report("b", accuracy=0.80)], POLICY).retrain
+    assert not decide(card(), [report("b", accuracy=0.95)], POLICY).retrain
+    assert decide(card(), [], POLICY, schedule_due=True).retrain
+
+
+def test_an_accuracy_drop_must_be_significant_for_the_batch_and_test_split_sizes():
+    """0.98 on 100 test images; a batch at 0.88 is 5 points past the margin: chance on 40 labeled images, not on 1,000."""
+    small, large = report("b", accuracy=0.875, labeled=40), report("b", accuracy=0.88, labeled=1000)
+    assert not decide(card(), [small], POLICY).retrain
+    decision = decide(card(), [large], POLICY)
+    assert decision.retrain and "(1000 images)" in decision.reasons[0] and "(100 images)" in decision.reasons[0]
+    # A stricter level asks for more evidence; an accuracy of 1 on the test split is handled (no division by zero).
+    assert not decide(card(), [large], POLICY.model_copy(update={"accuracy_significance": 1e-6})).retrain
+    assert decide(card(accuracy=1.0), [report("b", accuracy=0.5, labeled=30)], POLICY).retrain
 
 
 def test_policy_ignores_batches_the_champion_trained_on_and_reports_on_other_champions():
-    assert not decide(card(batches=("a", "b")), [report("b", drift=True)], MARGIN).retrain
-    assert not decide(card(), [report("b", drift=True, champion="v0000")], MARGIN).retrain
+    assert not decide(card(batches=("a", "b")), [report("b", drift=True)], POLICY).retrain
+    assert not decide(card(), [report("b", drift=True, champion="v0000")], POLICY).retrain
 
 
 def test_the_retraining_policy_and_schedule_come_from_flywheel_yaml(tmp_path: Path):

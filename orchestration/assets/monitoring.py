@@ -10,6 +10,7 @@ from pydantic import Field
 from orchestration.checks import DRIFT_CHECK_SPECS, drift_check_results
 from orchestration.io_manager import stored_values
 from orchestration.metadata import drift_over_time_png, markdown_image, markdown_table
+from orchestration.policy import accuracy_drop
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
 from training.card import ModelCard
@@ -105,8 +106,10 @@ def drift_report(
         "drifted": drifted,
         "labeled_rows": int(labeled.sum()),
         "champion_accuracy": champion_accuracy,
-        "champion_test_accuracy": card.metrics.test_accuracy,
+        "champion_test_accuracy": card.metrics.test_accuracy_int8,
     }
+    drop = accuracy_drop(value, card, flywheel.project.retraining)
+    value["accuracy_drop_p_value"] = drop.p_value if drop else None
     history = [r for r in stored_values(flywheel, "drift_report") if r["batch_id"] != batch_id] + [value]
     plot = drift_over_time_png(history, flywheel.reports / "drift_over_time.png")
     wandb_run = log_monitoring(value, flywheel.root)
@@ -141,4 +144,4 @@ def drift_report(
             "wandb_run": wandb_run,
         },
     )
-    yield from drift_check_results(value, flywheel.project.retraining.accuracy_margin)
+    yield from drift_check_results(value, drop)
