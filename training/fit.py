@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from safetensors.torch import save_file
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -115,13 +115,27 @@ def warm_start(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> li
     return sorted(set(own) - set(shared))
 
 
+def ema_weight_averaging(decay: float) -> WeightAveraging:
+    """Lightning's weight averaging with an exponential moving average whose decay warms up, as timm's
+    ModelEmaV3 does: min(decay, (1 + n) / (10 + n)) after n updates. A fixed 0.999 averages over ~1,000
+    steps, so after a short run the average is mostly the initial weights: measured on 560 digits
+    (140 steps), 0.17 test accuracy against 0.99 for the trained weights."""
+
+    @torch.no_grad()
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        rate = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        return rate * averaged + (1 - rate) * current
+
+    return WeightAveraging(avg_fn=update)
+
+
 def recipe_callbacks(config: FitConfig) -> list[Callback]:
     """The Lightning callbacks the recipe asks for: a frozen first phase, weight averaging, growing crops."""
     callbacks: list[Callback] = []
     if config.optim.freeze_epochs:
         callbacks.append(FreezeBackbone(config.optim.freeze_epochs))
     if config.augment.ema_decay:
-        callbacks.append(EMAWeightAveraging(decay=config.augment.ema_decay))
+        callbacks.append(ema_weight_averaging(config.augment.ema_decay))
     if config.optim.early_stopping_patience:
         callbacks.append(EarlyStopping("val/accuracy", mode="max", patience=config.optim.early_stopping_patience))
     if config.augment.start_resolution:
