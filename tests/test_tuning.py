@@ -51,6 +51,32 @@ def test_trials_are_pruned_logged_and_resumed_and_the_baseline_is_trial_zero(dig
     assert again.trials[3]["learning_rate"] not in {row["learning_rate"] for row in again.trials[:3]}  # not a redraw
 
 
+def test_a_killed_tune_leaves_no_trial_running_and_its_baseline_runs_again(tmp_path: Path):
+    """The journal of a tune killed during its first trial (the baseline): that trial is failed, the
+    baseline queued again; a study whose baseline finished gets no second one."""
+    from training.tune import open_study, prepare, sample
+
+    config = TuneConfig(
+        base=FitConfig(beton_dir=tmp_path, run_dir=tmp_path, wandb_save_dir=tmp_path), study_name="killed", storage=tmp_path / "killed.journal",
+    )
+    baseline = {"learning_rate": 3e-3, "weight_decay": 5e-4, "label_smoothing": 0.0}
+    study = open_study(config)
+    study.enqueue_trial(baseline)
+    killed = study.ask()
+    assert sample(killed, config.space, list(baseline)) == baseline  # the process died here, during its trial
+
+    lines: list[str] = []
+    prepare(open_study(config), baseline, lines.append)
+    trials = open_study(config).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert lines == ["trial 0 was left running by a tune that stopped (killed?): marked failed"]
+
+    resumed = open_study(config)
+    resumed.tell(resumed.ask(), 0.5)  # the queued baseline runs and finishes
+    prepare(open_study(config), baseline, lines.append)
+    assert len(open_study(config).trials) == 2 and len(lines) == 1
+
+
 def test_the_tune_job_finds_values_that_the_next_trained_model_uses(digits_splits: dict, home: Path):
     from orchestration.assets.datasets import ffcv_datasets
     from orchestration.assets.training import trained_model, tuned_hyperparameters

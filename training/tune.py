@@ -96,6 +96,21 @@ def open_study(config: TuneConfig, pruner: optuna.pruners.BasePruner | None = No
     )
 
 
+def prepare(study: optuna.Study, baseline: dict[str, float], log: Callable[[str], None]) -> None:
+    """Fails the trials a killed tune left running, and queues the baseline (the training's own values)
+    until a trial of it has finished. Trials run inside the tune's process and the `gpu` pool runs one
+    tune at a time, so a running trial found at the start has no process left (the journal file has no
+    heartbeat to tell)."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        log(f"trial {trial.number} was left running by a tune that stopped (killed?): marked failed")
+    if not any(
+        trial.params == baseline or trial.system_attrs.get("fixed_params") == baseline  # ran, or queued
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING))
+    ):
+        study.enqueue_trial(baseline)
+
+
 def _trial_row(trial: optuna.trial.FrozenTrial) -> dict:
     value = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else (
         min(trial.intermediate_values.values()) if trial.intermediate_values else None
@@ -153,8 +168,7 @@ def tune(
     study = open_study(config, pruner)
     fields = searched_fields(config.base)
     before = len(study.trials)
-    if not before:
-        study.enqueue_trial(base_values(config.base, fields))
+    prepare(study, base_values(config.base, fields), log)
     folder = config.base.run_dir
 
     def objective(trial: optuna.Trial) -> float:
