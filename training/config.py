@@ -90,7 +90,9 @@ class ModelConfig(BaseModel):
 class OptimConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(8, ge=1, description="Enough for >= 0.95 test accuracy on the digits default.")
+    # Measured on 560 training digits, tested on 1,117 (seeds 0/1/2): 8 epochs 0.969/0.953, 12 0.985/0.975,
+    # 16 0.990/0.990/0.993, 24 0.993, each 8 epochs ~25 s more on two CPU cores.
+    epochs: int = Field(16, ge=1, description="Enough for >= 0.99 test accuracy on the digits default.")
     batch_size: int = Field(64, ge=1, description="Per process; the global batch is this times the world size.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum 0.9.")
     schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="Learning-rate schedule, stepped per batch.")
@@ -149,7 +151,7 @@ RECIPES: dict[str, AugmentConfig] = {
     "none": AugmentConfig(),
     # Scans and small images whose orientation carries meaning (digits): small shifts only. Measured
     # on make run's digits: cutout and label smoothing cost accuracy or calibration (the promotion
-    # gate's ECE bound) at 8 epochs, and each FFCV transform adds ~4-6 s of numba compilation.
+    # gate's ECE bound) at 8 epochs (the default then), and each FFCV transform adds ~4-6 s of numba compilation.
     "small_images": AugmentConfig(translate=2),
     # Photographs (FFCV's ImageNet recipe): random resized crops, flips, label smoothing.
     "photos": AugmentConfig(random_resized_crop=True, crop_scale=(0.25, 1.0), horizontal_flip=True, label_smoothing=0.1),
