@@ -17,6 +17,7 @@ from training.evaluate import classification_metrics
 from training.inference import load_classifier, predict_torch
 from training.fit import fit, resolve_precision
 from training.backbones import build_network
+from training.tracking import find_offline_run, read_offline_run
 
 
 def test_beton_round_trip_keeps_pixels_and_labels(digits_splits: dict):
@@ -95,6 +96,12 @@ def test_trained_model_learns_the_digits(trained_weights: Path, digits_splits: d
     result = json.loads((trained_weights.parent / "result.json").read_text())
     assert result["epochs_completed"] == 6 and result["world_size"] == 1 and result["precision"] == "32-true"
     assert result["wandb_run_id"]
+    # Throughput from the second batch on; the first (numba compilation, kernel selection) is warm-up.
+    assert result["warmup_seconds"] > 0 and 0 < result["images_per_s"] <= result["step_images_per_s"]
+    assert 0 <= result["loader_wait_share"] < 1
+    run = read_offline_run(find_offline_run(trained_weights.parent.parent / "wandb", result["wandb_run_id"]))
+    per_epoch = [row["throughput/images_per_s"] for row in run.history if "throughput/images_per_s" in row]
+    assert len(per_epoch) == 6 and min(per_epoch) > 0
 
 
 def test_a_killed_training_resumes_from_its_last_checkpoint(digits_splits: dict, tmp_path: Path):

@@ -52,6 +52,11 @@ class FitResult:
     wandb_run_dir: str | None
     accelerator: str
     precision: str
+    # From the second training batch (StepTimer): what the first costs is warm-up, not training speed.
+    warmup_seconds: float
+    images_per_s: float
+    step_images_per_s: float
+    loader_wait_share: float
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -69,14 +74,71 @@ def resolve_precision(compute: ComputeConfig) -> str:
     return "32-true"
 
 
+class StepTimer(Callback):
+    """Times each training batch's wait for the loader apart from its step (forward, backward and
+    optimizer, synchronised on GPUs), from the second batch on: the first pays FFCV's numba
+    compilation, kernel selection and torch.compile, which are warm-up, not training speed. Logs per
+    epoch `throughput/images_per_s` (all processes), `throughput/step_images_per_s` (what the steps
+    alone would do: the ceiling a faster loader could reach) and `throughput/loader_wait_share` (the
+    share of the time spent waiting for data; high means the loader is the bottleneck)."""
+
+    def __init__(self):
+        self.warmup_seconds: float | None = None
+        self.totals = {"images": 0, "wait": 0.0, "step": 0.0}
+        self.epoch = dict(self.totals)
+        self.started = self.batch_started = self.last_batch_ended = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch = {"images": 0, "wait": 0.0, "step": 0.0}
+        self.last_batch_ended = time.perf_counter()  # the loader starts its epoch now
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.batch_started = time.perf_counter()
+        if self.warmup_seconds is not None:
+            self.epoch["wait"] += self.batch_started - self.last_batch_ended
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_batch_ended = time.perf_counter()
+        if self.warmup_seconds is None:
+            self.warmup_seconds = self.last_batch_ended - self.started
+            return
+        self.epoch["step"] += self.last_batch_ended - self.batch_started
+        self.epoch["images"] += len(batch[1]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for key, value in self.epoch.items():
+            self.totals[key] += value
+        # Every rank logs (sync_dist reduces across them), or one without timed batches would hang the others.
+        for name, value in self.rates(self.epoch).items():
+            pl_module.log(f"throughput/{name}", value, on_epoch=True, sync_dist=True)
+
+    @staticmethod
+    def rates(times: dict) -> dict[str, float]:
+        busy = times["wait"] + times["step"]
+        return {
+            "images_per_s": times["images"] / busy if busy else 0.0,
+            "step_images_per_s": times["images"] / times["step"] if times["step"] else 0.0,
+            "loader_wait_share": times["wait"] / busy if busy else 0.0,
+        }
+
+    def summary(self) -> dict[str, float]:
+        return {"warmup_seconds": round(self.warmup_seconds or 0.0, 2), **{k: round(v, 4) for k, v in self.rates(self.totals).items()}}
+
+
 class EpochReporter(Callback):
-    """Sends one line per epoch to a log function (Dagster's, through Pipes, or stderr)."""
+    """Sends one line per epoch to a log function (Dagster's, through Pipes, or stderr): after the
+    epoch's validation and its throughput (StepTimer, listed before it)."""
 
     def __init__(self, log):
         self.report = log
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
             return
         metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
         self.report(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} step {trainer.global_step}: {metrics}")
@@ -191,6 +253,7 @@ def fit(
         every_n_epochs=1,
     )
     precision = resolve_precision(config.compute)
+    timer = StepTimer()
     trainer = L.Trainer(
         accelerator=config.compute.accelerator,
         devices=config.compute.devices,
@@ -201,7 +264,7 @@ def fit(
         precision=precision,
         max_epochs=config.optim.epochs,
         logger=logger,
-        callbacks=[checkpoints, EpochReporter(log), *recipe_callbacks(config)]
+        callbacks=[checkpoints, timer, EpochReporter(log), *recipe_callbacks(config)]
         + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []) + list(callbacks),
         use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
         enable_progress_bar=sys.stderr.isatty(),
@@ -229,6 +292,7 @@ def fit(
         wandb_run_dir=getattr(run, "dir", None),
         accelerator=str(trainer.strategy.root_device.type),
         precision=precision,
+        **timer.summary(),
     )
     if trainer.is_global_zero:
         if not config.fast_dev_run:
@@ -261,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
                     "train_seconds": result.train_seconds,
                     "accelerator": result.accelerator,
                     "precision": result.precision,
+                    "warmup_seconds": result.warmup_seconds,
+                    "images_per_s": result.images_per_s,
+                    "step_images_per_s": result.step_images_per_s,
+                    "loader_wait_share": result.loader_wait_share,
                     "wandb_run_id": result.wandb_run_id or "",
                     "weights_path": {"raw_value": result.weights_path, "type": "path"},
                 }
