@@ -130,6 +130,7 @@ def drift_report(
             "champion": champion.version,
             "champion_accuracy": champion_accuracy if champion_accuracy is not None else float("nan"),
             "labeled_rows": int(labeled.sum()),
+            "accuracy_drop_p_value": drop.p_value if drop else float("nan"),
             "current_rows": features.current_rows,
             "reference_rows": features.reference_rows,
             "features": markdown_table(features.table().select("feature", "method", "statistic", "threshold", "drifted", "reference_mean", "current_mean")),
