@@ -23,7 +23,6 @@ import numpy as np
 # Dagster's own check of the cron strings it accepts for a schedule.
 from dagster._utils.schedules import is_valid_cron_string
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from statsmodels.stats.proportion import test_proportions_2indep
 
 from orchestration.instance import ABANDONED_TAG
 from training.card import ModelCard
@@ -87,6 +86,9 @@ def accuracy_drop(report: dict, card: ModelCard, policy: RetrainingPolicy) -> Ac
     several points by chance alone; the test asks whether the fall beyond the margin is real."""
     if report["champion_accuracy"] is None or not report["labeled_rows"]:
         return None
+    # Here, not at the top: statsmodels takes seconds to import, and loading the definitions needs none of it.
+    from statsmodels.stats.proportion import test_proportions_2indep
+
     tested, test_examples = card.metrics.test_accuracy_int8, card.metrics.test_examples
     labeled = report["labeled_rows"]
     # Agresti-Caffo's interval for a difference, sound when an accuracy is 1 (its odds ratio, unused, divides by zero).
