@@ -122,7 +122,7 @@ class TrainingCompute(dg.ConfigurableResource):
     precision: str = Field("", description="Empty picks per accelerator (32-true on CPU, bf16-mixed on GPUs).")
     compile: bool | None = ComputeConfig.model_fields["compile"]
     sync_batchnorm: bool = ComputeConfig.model_fields["sync_batchnorm"]
-    num_workers: int = ComputeConfig.model_fields["num_workers"]
+    num_workers: int | None = ComputeConfig.model_fields["num_workers"]
 
     def processes_per_node(self) -> int:
         if self.devices != "auto":

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from training.config import ComputeConfig, FitConfig, ModelConfig, OptimConfig
-from training.data import read_beton
+from training.data import loader_threads, read_beton
 from training import evaluate
 from training.evaluate import classification_metrics
 from training.inference import load_classifier, predict_torch
@@ -83,6 +84,16 @@ def test_every_width_trains_on_cpu_without_a_native_crash():
         pytest.fail(f"training width {failing[0]} at {failing[1]} px {outcome}")
 
 
+def test_loader_threads_share_the_cores_between_a_nodes_processes(monkeypatch: pytest.MonkeyPatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_threads(None) == cores and loader_threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more processes than cores: one thread each
+    assert loader_threads(None) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_threads(None) == cores
+
+
 def test_cpu_precision_defaults_to_32_true():
     assert resolve_precision(ComputeConfig(accelerator="cpu")) == "32-true"
     assert resolve_precision(ComputeConfig(precision="bf16-mixed")) == "bf16-mixed"
@@ -95,6 +106,8 @@ def test_trained_model_learns_the_digits(trained_weights: Path, digits_splits: d
     assert metrics.accuracy >= 0.9
     result = json.loads((trained_weights.parent / "result.json").read_text())
     assert result["epochs_completed"] == 6 and result["world_size"] == 1 and result["precision"] == "32-true"
+    # Defaults on a CPU: no torch.compile, and the loader takes every core this process may use.
+    assert result["compiled"] is False and result["loader_threads"] == len(os.sched_getaffinity(0))
     assert result["wandb_run_id"]
     # Throughput from the second batch on; the first (numba compilation, kernel selection) is warm-up.
     assert result["warmup_seconds"] > 0 and 0 < result["images_per_s"] <= result["step_images_per_s"]

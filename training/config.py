@@ -27,7 +27,10 @@ class ComputeConfig(BaseModel):
         "compile time exceeds what it saves on short runs).",
     )
     sync_batchnorm: bool = Field(False, description="Synchronise BatchNorm statistics across processes (small per-GPU batches).")
-    num_workers: int = Field(2, ge=1, description="FFCV loader threads per process.")
+    num_workers: int | None = Field(
+        None, ge=1, description="FFCV loader threads per process. None: the CPU cores the process may use, shared "
+        "evenly by the node's training processes (a GPU's loader decodes and augments on them).",
+    )
 
 
 # Backbones by name: (library, the library's name). Any other network of either library is

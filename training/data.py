@@ -53,6 +53,14 @@ class _ArrayDataset:
         return self.images[index], int(self.labels[index])
 
 
+def loader_threads(configured: int | None) -> int:
+    """`configured`, or this process's share of the CPU cores it may use: all of them for one
+    process, an even part each under torchrun (LOCAL_WORLD_SIZE processes on this node)."""
+    if configured is not None:
+        return configured
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def page_size(resolution: int) -> int:
     """The smallest FFCV page that holds one raw image: a shard's last page is partly empty, and
     the merged file keeps each shard's pages, so small pages keep that waste small (2 MiB up to

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from training.config import RESULT_FILE, ComputeConfig, FitConfig
-from training.data import FFCVDataModule
+from training.data import FFCVDataModule, loader_threads
 from training.distributed_run import entry_config
 from training.backbones import load_pretrained
 from training.model import FreezeBackbone, LitClassifier, ProgressiveResizing
@@ -52,6 +52,8 @@ class FitResult:
     wandb_run_dir: str | None
     accelerator: str
     precision: str
+    compiled: bool
+    loader_threads: int
     # From the second training batch (StepTimer): what the first costs is warm-up, not training speed.
     warmup_seconds: float
     images_per_s: float
@@ -215,9 +217,11 @@ def fit(
     last_checkpoint = checkpoint_dir / "last.ckpt"
     resumed_from = _last_checkpoint_step(last_checkpoint)
 
+    compiled = on_gpus(config.compute) if config.compute.compile is None else config.compute.compile
+    if on_gpus(config.compute):
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs in float32 beside bf16 autocast
     model = LitClassifier(
-        config.model.model_dump(mode="json"), config.optim.model_dump(),
-        compile=on_gpus(config.compute) if config.compute.compile is None else config.compute.compile,
+        config.model.model_dump(mode="json"), config.optim.model_dump(), compile=compiled,
         label_smoothing=config.augment.label_smoothing,
     )
     if config.model.pretrained and not resumed_from:
@@ -227,8 +231,9 @@ def fit(
         fresh = warm_start(model.net, load_weights(config.warm_start))
         if fresh:
             log(f"warm start from {config.warm_start}: {', '.join(fresh)} start fresh (their shape changed, e.g. a head grown for new classes)")
+    threads = loader_threads(config.compute.num_workers)
     datamodule = FFCVDataModule(
-        config.beton_dir, config.optim.batch_size, config.compute.num_workers, config.optim.seed,
+        config.beton_dir, config.optim.batch_size, threads, config.optim.seed,
         config.model.resolution, config.augment,
     )
     config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +297,8 @@ def fit(
         wandb_run_dir=getattr(run, "dir", None),
         accelerator=str(trainer.strategy.root_device.type),
         precision=precision,
+        compiled=compiled,
+        loader_threads=threads,
         **timer.summary(),
     )
     if trainer.is_global_zero:
@@ -325,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                     "train_seconds": result.train_seconds,
                     "accelerator": result.accelerator,
                     "precision": result.precision,
+                    "compiled": result.compiled,
+                    "loader_threads": result.loader_threads,
                     "warmup_seconds": result.warmup_seconds,
                     "images_per_s": result.images_per_s,
                     "step_images_per_s": result.step_images_per_s,
