@@ -27,7 +27,7 @@ import torch
 # FFCV builds its two-entry table of image modes as a numba typed dict when it is imported, which
 # compiles numba's dict for str keys: ~6.5 s in every process that imports FFCV (each training, each
 # Dagster step that reads a .beton), numba caches none of it. FFCV reads the table only from Python,
-# so a plain dict serves the same (`import training.fit`: 23.5 s -> 16 s on a 2-core EPYC).
+# so a plain dict serves the same (`import training.fit`: 23.5 s -> 18.4 s on a 2-core EPYC).
 numba.typed.Dict = dict
 try:
     from ffcv.fields import IntField, RGBImageField
