@@ -35,7 +35,7 @@ from orchestration.assets.training import trained_model
 from orchestration.io_manager import JsonIOManager, value_path
 from orchestration.resources import FlywheelHome, TrainingCompute
 from training.config import RECIPES
-from training.data import FFCVDataModule, beton_length, loader_threads, make_loader, merge_betons, write_beton
+from training.data import FFCVDataModule, beton_length, make_loader, merge_betons, write_beton
 from transforms.simulate import NUM_CLASSES, digits_pool
 
 SPLIT_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -123,7 +123,7 @@ def main() -> None:
 
     home = args.home or Path(tempfile.mkdtemp(prefix="flywheel-throughput-"))
     flywheel = FlywheelHome(home=str(home))
-    workers = os.cpu_count() or 1
+    workers = len(os.sched_getaffinity(0))
     started = time.perf_counter()
     datasets = write_splits(flywheel.root / "ffcv", args.images, args.resolution, args.shard, workers, seed=0)
     write_seconds = time.perf_counter() - started
@@ -131,7 +131,7 @@ def main() -> None:
     stored.parent.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(datasets))
 
-    compute = TrainingCompute() if args.num_workers is None else TrainingCompute(num_workers=args.num_workers)
+    compute = TrainingCompute(num_workers=args.num_workers)
     config = {"backbone": args.backbone, "recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size}
     result = dg.materialize(
         [trained_model, dg.AssetSpec("ffcv_datasets"), dg.AssetSpec("tuned_hyperparameters")],
@@ -143,8 +143,7 @@ def main() -> None:
         key: getattr(value, "value", value)
         for key, value in result.asset_materializations_for_node("trained_model")[0].metadata.items()
     }
-    loader_workers = loader_threads(compute.num_workers)  # one training process, as above
-    loader_rate = loader_alone(flywheel.root / "ffcv", config, args.resolution, loader_workers)
+    loader_rate = loader_alone(flywheel.root / "ffcv", config, args.resolution, metadata["loader_threads"])
     sweep = {threads: loader_alone(flywheel.root / "ffcv", config, args.resolution, threads) for threads in args.loader_sweep}
 
     figures = {
