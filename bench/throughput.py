@@ -6,7 +6,7 @@ to `--resolution` with a random shift, tint and grain per copy so no two are ali
 product's own writer, a shard of `--shard` images at a time merged into each split's file (memory
 stays at one shard), then materializes `trained_model` with Dagster (the asset itself: Pipes,
 torchrun, Lightning, on the machine's accelerator with its defaults: bf16 and `torch.compile` on
-GPUs) and reads its metadata. Then, on the same machine, the training split's loader alone (the
+GPUs) and reads its value. Then, on the same machine, the training split's loader alone (the
 same FFCV pipeline, recipe and threads, moving batches to the device) for one epoch after a
 warm-up epoch. Prints a table, then one JSON line:
 
@@ -139,33 +139,31 @@ def main() -> None:
         resources={"flywheel": flywheel, "compute": compute, "io_manager": JsonIOManager(flywheel=flywheel)},
         run_config={"ops": {"trained_model": {"config": config}}},
     )
-    metadata = {
-        key: getattr(value, "value", value)
-        for key, value in result.asset_materializations_for_node("trained_model")[0].metadata.items()
-    }
-    loader_rate = loader_alone(flywheel.root / "ffcv", config, args.resolution, metadata["loader_threads"])
+    # The asset's value carries the training's figures as numbers (its metadata shows them formatted).
+    trained = result.output_for_node("trained_model")
+    loader_rate = loader_alone(flywheel.root / "ffcv", config, args.resolution, trained["loader_threads"])
     sweep = {threads: loader_alone(flywheel.root / "ffcv", config, args.resolution, threads) for threads in args.loader_sweep}
 
     figures = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cpus": workers,
-        "loader_threads": metadata["loader_threads"],
+        "loader_threads": trained["loader_threads"],
         "backbone": args.backbone,
         "resolution": args.resolution,
         "recipe": args.recipe,
         "batch_size": args.batch_size,
         "train_images": datasets["splits"]["train"]["examples"],
-        "epochs": metadata["epochs_completed"],
-        "precision": metadata["precision"],
-        "compiled": metadata["compiled"],
+        "epochs": trained["epochs_completed"],
+        "precision": trained["precision"],
+        "compiled": trained["compiled"],
         "write_seconds": round(write_seconds, 1),
-        "warmup_seconds": metadata["warmup_seconds"],
-        "train_seconds": metadata["train_seconds"],
+        "warmup_seconds": trained["warmup_seconds"],
+        "train_seconds": trained["train_seconds"],
         "loader_images_per_s": round(loader_rate, 1),
-        "step_images_per_s": metadata["step_images_per_s"],
-        "training_images_per_s": metadata["images_per_s"],
-        "loader_wait_share": metadata["loader_wait_share"],
-        "val_accuracy": metadata["val_accuracy"],
+        "step_images_per_s": trained["step_images_per_s"],
+        "training_images_per_s": trained["images_per_s"],
+        "loader_wait_share": trained["loader_wait_share"],
+        "val_accuracy": trained["val_accuracy"],
         **{f"loader_images_per_s_{threads}_threads": round(rate, 1) for threads, rate in sweep.items()},
     }
     width = max(map(len, figures))

@@ -189,10 +189,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_rollback(args: argparse.Namespace) -> None:
     from training.registry import Registry
 
-    registry = Registry(_flywheel().registry)
+    from training.tracking import log_champion
+
+    flywheel = _flywheel()
+    registry = Registry(flywheel.registry)
     before = registry.champion_pointer()
     after = registry.rollback(to=args.to)
     print(f"champion: {before or 'none'} -> {after.version}")
+    run = log_champion(after.path, after.version, after.card(), flywheel.root, event="rollback")
+    print(f"W&B: alias `champion` moved to {after.version} (run {run}; offline runs: `wandb sync {flywheel.root / 'wandb'}`)")
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -37,7 +37,7 @@ def champion_lines(flywheel: FlywheelHome) -> list[str]:
         f"   ({export.int8_bytes / export.fp32_bytes:.2f}x)",
         f"  classes        {', '.join(card.class_names[:20])}" + (f", ... ({len(card.class_names)})" if len(card.class_names) > 20 else ""),
         f"  trained on     {', '.join(lineage.training_batches)}",
-        f"  parent         {lineage.parent_champion or 'none'}   W&B run {lineage.wandb_run_id}",
+        f"  parent         {lineage.parent_champion or 'none'}   {lineage.training_mode} training   W&B run {lineage.wandb_run_id}",
         f"  promoted       {card.gates.evaluation.reasons[0]}",
     ]
 
@@ -93,9 +93,22 @@ def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:
         print(line)
 
 
+def freshness_lines(flywheel: FlywheelHome) -> list[str]:
+    from orchestration.checks import current_freshness
+    from orchestration.instance import get_instance
+
+    return [
+        f"  {verdict.check:<21}{'ok  ' if verdict.passed else 'FAIL'}  {verdict.summary}"
+        for verdict in current_freshness(get_instance(flywheel.root), flywheel)
+    ]
+
+
 def print_status(flywheel: FlywheelHome) -> None:
     registry = Registry(flywheel.registry)
     for line in champion_lines(flywheel):
+        print(line)
+    print("\nfreshness:")
+    for line in freshness_lines(flywheel):
         print(line)
     versions = registry.versions()
     if versions:
@@ -119,3 +132,9 @@ def print_status(flywheel: FlywheelHome) -> None:
     if history:
         print("\ndrift history:")
         print(_table(_drift_rows(history)))
+        print(f"  drift over time: {flywheel.reports / 'drift_over_time.png'}")
+        grids = flywheel.reports / "drift_samples"
+        for report in history[-5:]:
+            grid = grids / f"{report['batch_id']}.png"
+            if grid.exists():
+                print(f"  batch {report['batch_id']} beside the champion's training images: {grid}")

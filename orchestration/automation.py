@@ -11,10 +11,11 @@ import dagster as dg
 from orchestration.assets.transformation import dbt_models
 from orchestration.instance import latest_materialization, latest_timestamp
 from orchestration.io_manager import stored_values
-from orchestration.jobs import monitor_job, retrain_job
+from orchestration.jobs import freshness_job, monitor_job, retrain_job
 from orchestration.metadata import code_version
 from orchestration.policy import (
-    REASON_TAG, RETRAINING_KEY_TAG, RetrainingDecision, RetrainingPolicy, decide, recall, retraining_active, retraining_key,
+    MODE_TAG, REASON_TAG, RETRAINING_KEY_TAG, RetrainingDecision, RetrainingPolicy, decide, recall, retraining_active,
+    retraining_key, training_mode,
 )
 from orchestration.resources import FlywheelHome
 from orchestration.settings import run_settings
@@ -84,7 +85,11 @@ def retraining_request(
     """The retraining run the decision asks for, or why none is launched now (the loop's memory)."""
     champion = Registry(flywheel.registry).champion()
     data = latest_materialization(instance, "training_examples")
-    run_config = run_settings(flywheel, retrain_job.name)
+    mode, why = training_mode(champion.card() if champion else None, policy, code_version(), decision.scheduled)
+    settings = run_settings(flywheel, retrain_job.name)
+    ops = settings.get("ops", {})
+    training = ops.get("trained_model", {}).get("config", {})
+    run_config = {**settings, "ops": {**ops, "trained_model": {"config": {**training, "mode": mode}}}}
     key = retraining_key(
         champion.version if champion else None, str(data.storage_id) if data else "none", run_config, code_version(), occasion,
     )
@@ -93,10 +98,10 @@ def retraining_request(
     memory = recall(instance, key, policy.max_attempts)
     if not memory.launch:
         return memory.reason
-    reason = "; ".join(decision.reasons)
+    reason = f"{'; '.join(decision.reasons)}. {mode.capitalize()} retraining: {why}"
     return dg.RunRequest(
         run_key=f"retrain-{key}-{memory.attempt}", run_config=run_config,
-        tags={RETRAINING_KEY_TAG: key, REASON_TAG: reason[:1000], "flywheel/attempt": str(memory.attempt)},
+        tags={RETRAINING_KEY_TAG: key, REASON_TAG: reason[:1000], MODE_TAG: mode, "flywheel/attempt": str(memory.attempt)},
     )
 
 
@@ -139,6 +144,18 @@ def retraining_schedule(context: dg.ScheduleEvaluationContext, flywheel: Flywhee
     occasion = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else ""
     request = retraining_request(context.instance, flywheel, retraining_policy, decision, occasion)
     return dg.SkipReason(request) if isinstance(request, str) else request
+
+
+@dg.schedule(
+    job=freshness_job,
+    cron_schedule=FlywheelHome().project.retraining.freshness_schedule,
+    execution_timezone="UTC",
+    default_status=SCHEDULE_STATUS,
+    description="Runs the champion's freshness checks (`retraining.freshness_schedule`, hourly by default; limits: "
+    "champion_max_age_hours and labeled_batch_max_wait_hours); a failure is a warning and a line in monitoring/freshness_alerts.jsonl.",
+)
+def freshness_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    return dg.RunRequest()
 
 
 @dg.run_failure_sensor(

@@ -1,8 +1,16 @@
-"""The gates as blocking asset checks: a candidate that fails one goes no further down the graph."""
+"""The gates as blocking asset checks: a candidate that fails one goes no further down the graph.
+The freshness checks on the champion, run by `freshness_schedule` (and from the UI)."""
+
+import json
+import time
+from datetime import datetime, timezone
 
 import dagster as dg
 
-from orchestration.policy import AccuracyDrop
+from orchestration.instance import labeled_batches
+from orchestration.policy import AccuracyDrop, Freshness, freshness
+from orchestration.resources import FlywheelHome
+from training.registry import Registry
 
 
 def _gate_result(gate: dict) -> dg.AssetCheckResult:
@@ -80,3 +88,48 @@ def drift_check_results(report: dict, drop: AccuracyDrop | None) -> list[dg.Asse
             },
         ),
     ]
+
+
+def current_freshness(instance: dg.DagsterInstance, flywheel: FlywheelHome) -> list[Freshness]:
+    """The freshness verdicts now: the checks and `flywheel status` read them from here."""
+    champion = Registry(flywheel.registry).champion()
+    return freshness(champion.card() if champion else None, labeled_batches(instance), time.time(), flywheel.project.retraining)
+
+
+def _freshness_result(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome, check: str) -> dg.AssetCheckResult:
+    verdict = next(v for v in current_freshness(context.instance, flywheel) if v.check == check)
+    if not verdict.passed:
+        # Raised as failed runs are (run_failure_recorder): a warning in the run and a line in monitoring/.
+        path = flywheel.root / "monitoring" / "freshness_alerts.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "check": check, "message": verdict.summary}) + "\n")
+        context.log.warning(f"{check} failed: {verdict.summary}")
+    return dg.AssetCheckResult(
+        passed=verdict.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=verdict.summary,
+        metadata={
+            "summary": verdict.summary,
+            "waiting_batches": len(verdict.waiting_hours),
+            "longest_wait_hours": round(max(verdict.waiting_hours.values(), default=0.0), 1),
+        },
+    )
+
+
+@dg.asset_check(
+    asset="champion_model",
+    description="The champion is no older than retraining.champion_max_age_hours while labeled batches ingested after "
+    "it wait (an old champion with nothing new to learn passes).",
+)
+def champion_fresh(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome) -> dg.AssetCheckResult:
+    return _freshness_result(context, flywheel, "champion_fresh")
+
+
+@dg.asset_check(
+    asset="champion_model",
+    description="No labeled batch has waited longer than retraining.labeled_batch_max_wait_hours after its ingestion "
+    "without a champion trained on it.",
+)
+def labeled_batches_used(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome) -> dg.AssetCheckResult:
+    return _freshness_result(context, flywheel, "labeled_batches_used")

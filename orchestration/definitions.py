@@ -11,14 +11,15 @@ from orchestration.assets.training import trained_model, tuned_hyperparameters
 from orchestration.assets.transformation import dbt_models, dbt_resource
 from orchestration.automation import (
     drift_sensor,
+    freshness_schedule,
     monitoring_sensor,
     retraining_schedule,
     run_failure_recorder,
     transform_on_ingestion,
 )
-from orchestration.checks import evaluation_gate, export_gate, served_model_gate
+from orchestration.checks import champion_fresh, evaluation_gate, export_gate, labeled_batches_used, served_model_gate
 from orchestration.io_manager import JsonIOManager
-from orchestration.jobs import full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job, tune_job
+from orchestration.jobs import freshness_job, full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job, tune_job
 from orchestration.resources import FlywheelHome, TrainingCompute
 from orchestration.sensors import landing_sensor
 
@@ -37,10 +38,10 @@ defs = dg.Definitions(
         champion_model,
         drift_report,
     ],
-    asset_checks=[evaluation_gate, export_gate, served_model_gate],
-    jobs=[ingest_job, labels_job, transform_job, retrain_job, tune_job, monitor_job, full_loop_job],
+    asset_checks=[evaluation_gate, export_gate, served_model_gate, champion_fresh, labeled_batches_used],
+    jobs=[ingest_job, labels_job, transform_job, retrain_job, tune_job, monitor_job, full_loop_job, freshness_job],
     sensors=[landing_sensor, transform_on_ingestion, monitoring_sensor, drift_sensor, run_failure_recorder],
-    schedules=[retraining_schedule],
+    schedules=[retraining_schedule, freshness_schedule],
     # Every job is a chain of steps, so a process per step (Dagster's default) runs nothing in
     # parallel and costs a code load per step: importing torch, Lightning and FFCV (which compiles
     # with numba on import) takes seconds. Training and dbt still run as their own processes.

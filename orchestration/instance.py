@@ -48,6 +48,17 @@ def latest_timestamp(instance: dg.DagsterInstance, asset: str, partition: str | 
     return record.timestamp if record else 0.0
 
 
+def labeled_batches(instance: dg.DagsterInstance) -> dict[str, float]:
+    """Batch -> when it was last ingested, for the batches whose latest ingestion held labeled rows."""
+    batches = {}
+    for batch in instance.get_dynamic_partitions("batches"):
+        record = latest_materialization(instance, "raw_images", batch)
+        labeled = record.asset_materialization.metadata.get("labeled") if record else None
+        if labeled is not None and labeled.value:
+            batches[batch] = record.timestamp
+    return batches
+
+
 # Tags of every run `flywheel run` executes in its own process, so a later tick can tell whether the
 # process behind a run that never finished is gone.
 PID_TAG, HOST_TAG = "flywheel/pid", "flywheel/host"

@@ -55,3 +55,9 @@ full_loop_job = dg.define_asset_job(
     description="Everything after ingestion in one run: late labels, dbt, datasets, training, evaluation, "
     "export and promotion (batches are ingested and monitored per partition by the sensors).",
 )
+
+freshness_job = dg.define_asset_job(
+    "check_freshness",
+    selection=dg.AssetSelection.checks_for_assets("champion_model"),
+    description="The champion's freshness checks: not stale while newer labeled data waits, no labeled batch left unused too long.",
+)

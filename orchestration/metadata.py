@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import polars as pl
 
 
@@ -19,6 +21,45 @@ def markdown_table(frame: pl.DataFrame) -> dg.MarkdownMetadataValue:
         tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40,
     ):
         return dg.MetadataValue.md(str(frame))
+
+
+def accuracy_text(accuracy: float, examples: int) -> str:
+    """'97.96 % (95% CI 94.2-99.3 %, 147 images)': Wilson's interval, sound at 0 and 1."""
+    from statsmodels.stats.proportion import proportion_confint  # seconds to import: only where it is used
+
+    low, high = proportion_confint(round(accuracy * examples), examples, alpha=0.05, method="wilson")
+    return f"{100 * accuracy:.2f} % (95% CI {100 * low:.1f}-{100 * high:.1f} %, {examples} images)"
+
+
+def size_text(size: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
+def readable(metadata: dict) -> dict:
+    """Metadata as people read it in the UI: `*_seconds` as '12.3 s', `*_bytes` in KiB/MiB, `*_share`
+    as a percentage, NaN as 'n/a', other floats to 4 decimals (still numbers, so Dagster plots them
+    across materializations). Other values pass as they are."""
+    out = {}
+    for key, value in metadata.items():
+        number = value.value if isinstance(value, (dg.FloatMetadataValue, dg.IntMetadataValue)) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            out[key] = value
+        elif isinstance(number, float) and math.isnan(number):
+            out[key] = "n/a"
+        elif key.endswith("_seconds"):
+            out[key] = f"{number:.1f} s"
+        elif key.endswith("_bytes"):
+            out[key] = size_text(number)
+        elif key.endswith("_share"):
+            out[key] = f"{100 * number:.1f} %"
+        elif isinstance(number, float):
+            out[key] = round(number, 4)
+        else:
+            out[key] = value
+    return out
 
 
 def markdown_image(path: Path, title: str) -> dg.MarkdownMetadataValue:
@@ -65,6 +106,36 @@ def drift_over_time_png(reports: list[dict], path: Path) -> Path:
     bottom.set(ylim=(0, 1.05))
     bottom.legend(fontsize=7, loc="lower left")
     bottom.tick_params(axis="x", labelrotation=45, labelsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def sample_grid_png(batch: np.ndarray, reference: np.ndarray, path: Path, batch_id: str, reference_name: str) -> Path:
+    """Up to 16 images of the batch beside up to 16 of the reference, as the model sees them
+    (uint8 NHWC, served preprocessing): what drifted, to look at rather than read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def tiles(images: np.ndarray) -> np.ndarray:
+        images = images[:16]
+        side = max(1, int(np.ceil(np.sqrt(len(images)))))
+        height, width = images.shape[1:3]
+        grid = np.full((side * (height + 2), side * (width + 2), 3), 255, np.uint8)
+        for position, image in enumerate(images):
+            row, column = divmod(position, side)
+            grid[row * (height + 2):row * (height + 2) + height, column * (width + 2):column * (width + 2) + width] = image
+        return grid
+
+    figure, axes = plt.subplots(1, 2, figsize=(7, 3.8), dpi=100)
+    for axis, images, title in ((axes[0], batch, f"batch {batch_id}"), (axes[1], reference, reference_name)):
+        axis.imshow(tiles(images), interpolation="nearest")
+        axis.set_title(f"{title} ({min(len(images), 16)} images)", fontsize=9)
+        axis.axis("off")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

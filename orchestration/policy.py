@@ -3,7 +3,10 @@ schedule apply it, and `flywheel run` evaluates those very sensors.
 
 Retrain when there is no champion; when a batch the champion has not trained on drifted; when the
 champion's accuracy on a batch's labels is significantly more than `accuracy_margin` below its test
-accuracy (`accuracy_drop`); or when the schedule is due.
+accuracy (`accuracy_drop`); or when the schedule is due. Drift and accuracy are answered by an
+incremental retraining (the champion fine-tuned on what it has not seen and a replay sample), the
+schedule, new code and a first model by a full one (`training_mode`). Freshness (`freshness`): the
+champion must not grow stale while newer labeled data waits, nor labeled data wait unused too long.
 
 The memory is the Dagster instance itself: every retraining run carries the key of what it answers
 and trains on (the champion it would replace, the training data's version, the run settings, the
@@ -29,6 +32,7 @@ from training.card import ModelCard
 
 RETRAINING_KEY_TAG = "flywheel/retraining"
 REASON_TAG = "flywheel/reason"
+MODE_TAG = "flywheel/training_mode"
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 GATE_CHECKS = ("evaluation_gate", "export_gate", "served_model_gate")
 
@@ -49,11 +53,25 @@ class RetrainingPolicy(BaseModel):
         0.05, gt=0, lt=1, description="...and the fall beyond the margin is significant at this level (one-sided test of two "
         "proportions: the batch's labeled images against the test split), so a small batch needs a larger fall.",
     )
+    incremental: bool = Field(
+        True, description="Answer drift and accuracy falls by fine-tuning the champion on the batches it has not trained on "
+        "and a replay sample of the rest (trained_model's incremental_* settings); the schedule, new code, a changed network "
+        "or recipe, and having no champion retrain in full.",
+    )
+    champion_max_age_hours: float = Field(
+        168, gt=0, description="The check champion_fresh fails when the champion is older than this while labeled batches "
+        "ingested after it wait.",
+    )
+    labeled_batch_max_wait_hours: float = Field(
+        24, gt=0, description="The check labeled_batches_used fails when a labeled batch has waited this long after its "
+        "ingestion without a champion trained on it.",
+    )
+    freshness_schedule: str = Field("17 * * * *", description="Cron (UTC) of the freshness checks; hourly by default.")
     max_attempts: int = Field(
         2, ge=1, description="Tries of one retraining (same champion, data, settings and code) that end without a gate verdict.",
     )
 
-    @field_validator("schedule")
+    @field_validator("schedule", "freshness_schedule")
     @classmethod
     def _cron(cls, schedule: str) -> str:
         if not is_valid_cron_string(schedule):
@@ -108,6 +126,21 @@ def accuracy_drop(report: dict, card: ModelCard, policy: RetrainingPolicy) -> Ac
 class RetrainingDecision:
     retrain: bool
     reasons: list[str] = field(default_factory=list)
+    scheduled: bool = False
+
+
+def training_mode(champion_card: ModelCard | None, policy: RetrainingPolicy, code: str, scheduled: bool) -> tuple[str, str]:
+    """(trained_model's mode, why) for a retraining the policy launches. The training itself falls back
+    to full when the champion's network or recipe differs from its own (`training_plan`)."""
+    if not policy.incremental:
+        return "full", "retraining.incremental is off"
+    if champion_card is None:
+        return "full", "there is no champion to fine-tune"
+    if scheduled:
+        return "full", "the schedule retrains on all labeled data from scratch"
+    if champion_card.lineage.code_version != code:
+        return "full", f"the code changed since the champion {champion_card.version} was trained"
+    return "incremental", f"the champion {champion_card.version} is fine-tuned on what it has not seen and a replay sample"
 
 
 def decide(
@@ -132,7 +165,57 @@ def decide(
             reasons.append(drop.describe(batch))
     if schedule_due:
         reasons.append("the retraining schedule is due")
-    return RetrainingDecision(bool(reasons), reasons)
+    return RetrainingDecision(bool(reasons), reasons, scheduled=schedule_due)
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """One freshness check's verdict."""
+
+    check: str  # champion_fresh or labeled_batches_used
+    passed: bool
+    summary: str
+    waiting_hours: dict[str, float]  # the labeled batches it is about -> hours since their ingestion
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
+
+
+def freshness(
+    champion_card: ModelCard | None, labeled_batches: dict[str, float], now: float, policy: RetrainingPolicy,
+) -> list[Freshness]:
+    """`labeled_batches`: batch -> ingestion time (epoch seconds) of every labeled batch. A stale
+    champion alone is no alarm (nothing new to learn); a stale champion while labeled data newer than
+    it waits is, and so is any labeled batch left unused too long."""
+    trained_on = set(champion_card.lineage.training_batches) if champion_card else set()
+    unused = {batch: at for batch, at in labeled_batches.items() if batch not in trained_on}
+
+    def listing(batches: dict[str, float]) -> str:
+        ordered = sorted(batches, key=batches.get)
+        return ", ".join(f"{b} ({_hours(now - batches[b])})" for b in ordered[:5]) + (", ..." if len(ordered) > 5 else "")
+
+    if champion_card is None:
+        champion = Freshness("champion_fresh", True, "no champion yet", {})
+    else:
+        born = champion_card.created_at.timestamp()
+        newer = {batch: at for batch, at in unused.items() if at > born}
+        limit = policy.champion_max_age_hours * 3600
+        stale = now - born > limit and bool(newer)
+        summary = (
+            f"champion {champion_card.version} is {_hours(now - born)} old (limit {_hours(limit)})"
+            + (f"; {len(newer)} labeled batch(es) ingested since wait: {listing(newer)}" if newer else "; no labeled batch ingested since")
+        )
+        champion = Freshness("champion_fresh", not stale, summary, {b: (now - at) / 3600 for b, at in newer.items()})
+    wait = policy.labeled_batch_max_wait_hours * 3600
+    overdue = {batch: at for batch, at in unused.items() if now - at > wait}
+    used = Freshness(
+        "labeled_batches_used", not overdue,
+        f"{len(overdue)} labeled batch(es) waited longer than {_hours(wait)} for a champion trained on them: {listing(overdue)}"
+        if overdue else f"{len(unused)} labeled batch(es) not yet trained on, none waiting longer than {_hours(wait)}",
+        {b: (now - at) / 3600 for b, at in overdue.items()},
+    )
+    return [champion, used]
 
 
 def retraining_key(champion: str | None, data_version: str, run_config: dict, code: str, occasion: str = "") -> str:

@@ -99,3 +99,22 @@ def test_a_feature_constant_on_both_sides_is_left_out_of_the_share_and_one_that_
     colour_appears = frame(rng, 300).with_columns(pl.Series("colour", rng.uniform(0, 0.3, 300)))
     result = dataset_drift(reference, colour_appears, ["a", "b", "c", "colour"], DriftPolicy())
     assert result.features[-1].drifted and result.features[-1].method == "ks_p_value"
+
+
+def test_the_sample_grid_shows_the_batch_beside_the_reference(tmp_path: Path):
+    from PIL import Image
+
+    from orchestration.metadata import sample_grid_png
+
+    red, blue = np.zeros((20, 16, 16, 3), np.uint8), np.zeros((5, 16, 16, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    path = sample_grid_png(red, blue, tmp_path / "grid.png", "b-000", "champion v0001's training images")
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    left, right = pixels[:, : pixels.shape[1] // 2], pixels[:, pixels.shape[1] // 2 :]
+
+    def count(half: np.ndarray, colour: tuple[int, int, int]) -> int:
+        return int((np.abs(half - np.array(colour)).sum(axis=2) < 60).sum())
+
+    # The batch (red) on the left, the reference (blue) on the right; 16 batch images at most.
+    assert count(left, (255, 0, 0)) > 16 * 16 * 16 * 0.5 and count(left, (0, 0, 255)) == 0
+    assert count(right, (0, 0, 255)) > 5 * 16 * 16 * 0.5 and count(right, (255, 0, 0)) == 0

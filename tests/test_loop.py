@@ -107,15 +107,23 @@ def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path):
     assert loop.land_and_process() == ["invert-000"]
     report = pl.read_json(home / "values" / "drift_report" / "invert-000.json").to_dicts()[0]
     assert report["drifted"] and report["embedding"]["drifted"] and report["champion_accuracy"] < 0.5
+    # The report's pictures: the batch beside the champion's training images, in the materialization too.
+    assert (home / "reports" / "drift_samples" / "invert-000.png").exists()
+    metadata = loop.instance.get_latest_materialization_event(dg.AssetKey("drift_report")).asset_materialization.metadata
+    assert metadata["batch"].value == "invert-000" and metadata["samples"].value.startswith("![batch invert-000 beside")
+    assert "batch_image_stats.brightness" in metadata["features"].value
     retrain = loop.tick(drift_sensor)
     assert len(retrain) == 1 and "invert-000 drifted" in retrain[0].tags["flywheel/reason"]
+    # Same code and network as the champion: fine-tuned on the batches it has not seen and a replay sample.
+    assert "Incremental retraining" in retrain[0].tags["flywheel/reason"]
+    assert retrain[0].run_config["ops"]["trained_model"]["config"]["mode"] == "incremental"
     loop.execute(retrain, "retrain")
 
     v2 = registry.champion()
     assert v2.version == "v0002"
     card = v2.card()
     assert card.gates.all_passed and card.lineage.parent_champion == "v0001"
-    assert "invert-000" in card.lineage.training_batches
+    assert "invert-000" in card.lineage.training_batches and card.lineage.training_mode == "incremental"
 
     images, labels = held_out_drifted(home)
     accuracy = {

@@ -86,6 +86,7 @@ class Lineage(BaseModel, frozen=True):
     training_attempt: str
     parent_champion: str | None
     tuned_from: str | None = None  # "<study> trial <n>" when the training took a tune run's values
+    training_mode: Literal["full", "incremental"] = "full"  # incremental: the parent fine-tuned on new batches and a replay sample
     compared_with_champion: str | None
     code_version: str
     wandb_run_id: str | None

@@ -363,10 +363,11 @@ class FFCVDataModule(L.LightningDataModule):
 
     def __init__(
         self, beton_dir: Path, batch_size: int, num_workers: int, seed: int, resolution: int,
-        augment: AugmentConfig | None = None,
+        augment: AugmentConfig | None = None, train_indices: np.ndarray | None = None,
     ):
         super().__init__()
         self.beton_dir = Path(beton_dir)
+        self.train_indices = train_indices  # rows of train.beton to train on; None: all
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.augment = augment or AugmentConfig()
         # Random resized crops are decoded at a size `ProgressiveResizing` may change between epochs.
@@ -384,7 +385,7 @@ class FFCVDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Loader:
         return make_loader(
             self.beton_dir / "train.beton", self.batch_size, self.num_workers, train=True,
-            seed=self.seed, distributed=self._distributed(), device=self._device(),
+            seed=self.seed, distributed=self._distributed(), device=self._device(), indices=self.train_indices,
             augment=self.augment, decoder=self.crop_decoder,
         )
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
@@ -234,7 +235,7 @@ def fit(
     threads = loader_threads(config.compute.num_workers)
     datamodule = FFCVDataModule(
         config.beton_dir, config.optim.batch_size, threads, config.optim.seed,
-        config.model.resolution, config.augment,
+        config.model.resolution, config.augment, np.load(config.train_indices) if config.train_indices else None,
     )
     config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(

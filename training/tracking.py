@@ -19,27 +19,47 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
-def log_model_artifact(version_dir: Path, version: str, card: ModelCard, save_dir: Path, project: str = "flywheel") -> str:
-    """Log a registry version's files as a W&B model artifact (aliases: the version), offline-safe.
-    Returns the id of the W&B run that logged it."""
+MODEL_ARTIFACT = "flywheel-classifier"
+# The W&B model registry collection promoted versions are linked to (online runs; W&B cannot link offline).
+REGISTRY_TARGET = "wandb-registry-model/flywheel-classifier"
+
+
+def log_model_artifact(
+    version_dir: Path, version: str, card: ModelCard, save_dir: Path, aliases: tuple[str, ...] = ("challenger",),
+    job_type: str = "export", project: str = "flywheel",
+) -> str:
+    """Log a registry version's files as the W&B model artifact, aliased with the version and `aliases`,
+    offline-safe; returns the id of the W&B run that logged it. An alias names one version of the
+    artifact: logging the same files again (same digest, no new version) with `champion` moves that
+    alias to them, which is how promotion and rollback keep W&B in step with `registry/champion`.
+    Online, the champion is also linked into the W&B model registry with its alias."""
     import wandb
 
     run = wandb.init(
-        project=project, dir=str(save_dir), mode=wandb_mode(), job_type="export", name=f"export-{version}",
-        config={"version": version, "training_run": card.lineage.wandb_run_id},
+        project=project, dir=str(save_dir), mode=wandb_mode(), job_type=job_type, name=f"{job_type}-{version}",
+        config={"version": version, "training_run": card.lineage.wandb_run_id, "aliases": list(aliases)},
     )
     try:
-        artifact = wandb.Artifact("flywheel-classifier", type="model", metadata={"version": version, "metrics": card.metrics.model_dump()})
+        artifact = wandb.Artifact(MODEL_ARTIFACT, type="model", metadata={"version": version, "metrics": card.metrics.model_dump()})
         for file in sorted(version_dir.iterdir()):
             artifact.add_file(str(file), name=file.name)
-        run.log_artifact(artifact, aliases=[version])
+        run.log_artifact(artifact, aliases=[version, *aliases])
+        if "champion" in aliases and not run.offline:
+            artifact.wait()
+            run.link_artifact(artifact, REGISTRY_TARGET, aliases=["champion"])
         return run.id
     finally:
         run.finish()
 
 
-def log_monitoring(report: dict, save_dir: Path, project: str = "flywheel") -> str:
-    """One W&B run per drift report (job type `monitor`): the drift figures of the batch as its summary."""
+def log_champion(version_dir: Path, version: str, card: ModelCard, save_dir: Path, event: str) -> str:
+    """The W&B side of a promotion or a rollback (`event`): the `champion` alias moves to `version`."""
+    return log_model_artifact(version_dir, version, card, save_dir, aliases=("champion",), job_type=event)
+
+
+def log_monitoring(report: dict, save_dir: Path, images: dict[str, Path] | None = None, project: str = "flywheel") -> str:
+    """One W&B run per drift report (job type `monitor`): the drift figures of the batch as its summary,
+    and `images` (key -> PNG: the sample grid, the drift-over-time plot)."""
     import wandb
 
     run = wandb.init(
@@ -55,6 +75,7 @@ def log_monitoring(report: dict, save_dir: Path, project: str = "flywheel") -> s
             "drift/prediction_statistic": report["predictions"]["statistic"],
             **({"champion/accuracy_on_labels": report["champion_accuracy"]} if report["champion_accuracy"] is not None else {}),
             **{f"features/{f['feature']}": f["statistic"] for f in report["features"]},
+            **{key: wandb.Image(str(path), caption=f"batch {report['batch_id']}") for key, path in (images or {}).items()},
         })
         return run.id
     finally:
@@ -68,6 +89,7 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    artifacts: list[dict] = field(default_factory=list)  # name, type, digest, aliases of each artifact it logged
 
 
 def _items(items) -> dict:
@@ -96,6 +118,11 @@ def read_offline_run(path: Path) -> OfflineRun:
             run.history.append(_items(record.history.item))
         elif kind == "summary":
             run.summary.update(_items(record.summary.update))
+        elif kind == "artifact":
+            artifact = record.artifact
+            run.artifacts.append({
+                "name": artifact.name, "type": artifact.type, "digest": artifact.digest, "aliases": list(artifact.aliases),
+            })
         elif kind == "config":
             run.config.update({k: v.get("value", v) if isinstance(v, dict) else v for k, v in _items(record.config.update).items()})
     return run

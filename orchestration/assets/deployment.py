@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from orchestration.metadata import code_version, inputs_fingerprint, markdown_table
+from orchestration.metadata import accuracy_text, code_version, inputs_fingerprint, markdown_table, readable
 from orchestration.resources import FlywheelHome
 from training.card import GateVerdict, Lineage, build_card
 from training.config import AugmentConfig, ModelConfig, OptimConfig
@@ -69,15 +69,15 @@ def exported_model(
     trials = pl.DataFrame([asdict(trial) for trial in export.int8_recipe_trials]).sort("latency_ms_batch64")
     return dg.Output(
         {"version": version.version, "path": str(version.path), "export_gate": gate.model_dump(), "served_gate": served.model_dump()},
-        metadata={
+        metadata=readable({
             "version": version.version,
             "newly_published": artifact_run is not None,
             "registry_path": dg.MetadataValue.path(str(version.path)),
             "fp32_bytes": export.fp32_bytes,
             "int8_bytes": export.int8_bytes,
             "int8_size_ratio": round(export.int8_bytes / export.fp32_bytes, 4),
-            "fp32_test_accuracy": card.metrics.test_accuracy_onnx_fp32,
-            "int8_test_accuracy": card.metrics.test_accuracy_int8,
+            "fp32_test_accuracy": accuracy_text(card.metrics.test_accuracy_onnx_fp32, card.metrics.test_examples),
+            "int8_test_accuracy": accuracy_text(card.metrics.test_accuracy_int8, card.metrics.test_examples),
             "parity_max_abs_diff": export.parity_max_abs_diff,
             "int8_recipe": export.int8_recipe,
             "int8_recipe_source": "searched over every recipe" if export.int8_recipe_searched else "remembered for this architecture and machine",
@@ -87,7 +87,7 @@ def exported_model(
             "export_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in gate.reasons)),
             "served_gate_passed": served.passed,
             "served_gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in served.reasons)),
-        },
+        }),
     )
 
 
@@ -140,6 +140,7 @@ def _export_and_publish(
             training_attempt=trained_model["attempt"],
             parent_champion=trained_model["parent_champion"],
             tuned_from=trained_model.get("tuned_from"),
+            training_mode=trained_model.get("mode", "full"),
             compared_with_champion=model_evaluation["champion_version"],
             code_version=code_version(),
             wandb_run_id=trained_model["wandb_run_id"],
@@ -167,9 +168,13 @@ def champion_model(
     }
     candidate = exported_model["version"]
     promoted = all(gates.values())
+    wandb_run = None
     if promoted:
-        registry.promote(candidate, reason="; ".join(model_evaluation["gate"]["reasons"]))
-        context.log.info(f"{candidate} is the new champion")
+        from training.tracking import log_champion  # heavy: imported by the runs that use it
+
+        version = registry.promote(candidate, reason="; ".join(model_evaluation["gate"]["reasons"]))
+        wandb_run = log_champion(version.path, version.version, version.card(), flywheel.root, event="promote")
+        context.log.info(f"{candidate} is the new champion (W&B alias `champion` moved by run {wandb_run})")
     else:
         failed = [name for name, ok in gates.items() if not ok]
         context.log.warning(f"{candidate} was not promoted: the {' and '.join(failed)} gate failed")
@@ -181,8 +186,9 @@ def champion_model(
             "champion": champion.version if champion else "none",
             "candidate": candidate,
             "promoted": promoted,
-            "champion_test_accuracy": metrics.test_accuracy if metrics else float("nan"),
-            "champion_int8_test_accuracy": metrics.test_accuracy_int8 if metrics else float("nan"),
+            "champion_test_accuracy": accuracy_text(metrics.test_accuracy, metrics.test_examples) if metrics else "none",
+            "champion_int8_test_accuracy": accuracy_text(metrics.test_accuracy_int8, metrics.test_examples) if metrics else "none",
             "champion_path": dg.MetadataValue.path(str(champion.path)) if champion else "none",
+            "wandb_alias_run": wandb_run or "none (not promoted)",
         },
     )

@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 import polars as pl
 
-from orchestration.metadata import markdown_image, markdown_table
+from orchestration.metadata import accuracy_text, markdown_image, markdown_table, readable
 from orchestration.resources import FlywheelHome
 from training.config import ModelConfig
 from training.gate import GateDecision, GatePolicy
@@ -78,12 +78,12 @@ def model_evaluation(
     }
     return dg.Output(
         value,
-        metadata={
-            "candidate_accuracy": candidate.accuracy,
+        metadata=readable({
+            "candidate_accuracy": accuracy_text(candidate.accuracy, candidate.count),
             "candidate_macro_f1": candidate.macro_f1,
             "candidate_ece": candidate.ece,
             "champion_version": champion_version.version if champion_version else "none",
-            "champion_accuracy": champion.accuracy if champion else float("nan"),
+            "champion_accuracy": accuracy_text(champion.accuracy, champion.count) if champion else "none",
             "test_examples": candidate.count,
             "gate_passed": decision.passed,
             **overall_metadata(decision),
@@ -94,7 +94,7 @@ def model_evaluation(
                 pl.Series("name", [ffcv_datasets["classes"][row["class"]] for row in candidate.per_class])
             )),
             "confusion_matrix": markdown_image(plot, "confusion matrix"),
-        },
+        }),
     )
 
 

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from orchestration.checks import DRIFT_CHECK_SPECS, drift_check_results
 from orchestration.io_manager import stored_values
-from orchestration.metadata import drift_over_time_png, markdown_image, markdown_table
+from orchestration.metadata import accuracy_text, drift_over_time_png, markdown_image, markdown_table, readable, sample_grid_png
 from orchestration.policy import accuracy_drop
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
@@ -84,6 +84,9 @@ def drift_report(
         if current_stats.is_empty():
             raise dg.Failure(f"batch {batch_id} has no accepted images in the warehouse: nothing to monitor")
         records = warehouse.batch_pixels(connection, batch_id, served_preprocessing(card))
+        reference_samples = warehouse.split_records(
+            connection, "train", served_preprocessing(card), batch_ids=card.lineage.training_batches, limit=16,
+        ).images[:16]
         embeddings, _ = embed_and_predict(network, records.images)
         # What is served is the int8 file: its predictions are the ones that count.
         predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
@@ -112,7 +115,11 @@ def drift_report(
     value["accuracy_drop_p_value"] = drop.p_value if drop else None
     history = [r for r in stored_values(flywheel, "drift_report") if r["batch_id"] != batch_id] + [value]
     plot = drift_over_time_png(history, flywheel.reports / "drift_over_time.png")
-    wandb_run = log_monitoring(value, flywheel.root)
+    samples = sample_grid_png(
+        records.images[:16], reference_samples, flywheel.reports / "drift_samples" / f"{batch_id}.png", batch_id,
+        f"champion {champion.version}'s training images",
+    )
+    wandb_run = log_monitoring(value, flywheel.root, images={"drift/samples": samples, "drift/over_time": plot})
     context.log.info(
         f"batch {batch_id}: {'DRIFT' if drifted else 'no drift'} — {100 * features.drifted_share:.0f}% of image "
         f"statistics drifted, embedding MMD p={embedding.p_value:.3f}, prediction {classes.method}={classes.statistic:.3g}; "
@@ -120,7 +127,7 @@ def drift_report(
     )
     yield dg.Output(
         value,
-        metadata={
+        metadata=readable({
             "drifted": drifted,
             "dataset_drift": features.dataset_drift,
             "drifted_share": features.drifted_share,
@@ -128,12 +135,16 @@ def drift_report(
             "embedding_p_value": embedding.p_value,
             "prediction_drift": classes.drifted,
             "champion": champion.version,
-            "champion_accuracy": champion_accuracy if champion_accuracy is not None else float("nan"),
+            "champion_accuracy": accuracy_text(champion_accuracy, int(labeled.sum())) if champion_accuracy is not None else "unlabeled",
             "labeled_rows": int(labeled.sum()),
             "accuracy_drop_p_value": drop.p_value if drop else float("nan"),
             "current_rows": features.current_rows,
             "reference_rows": features.reference_rows,
-            "features": markdown_table(features.table().select("feature", "method", "statistic", "threshold", "drifted", "reference_mean", "current_mean")),
+            # Each feature is a column of the dbt mart batch_image_stats (models/marts/batch_image_stats.sql).
+            "features": markdown_table(
+                features.table().select("feature", "method", "statistic", "threshold", "drifted", "reference_mean", "current_mean")
+                .with_columns(("batch_image_stats." + pl.col("feature")).alias("dbt model.column"))
+            ),
             # Which classes the champion now sees more or less often, by name, the largest change first.
             "predicted_classes": markdown_table(
                 pl.DataFrame({
@@ -141,8 +152,10 @@ def drift_report(
                 }).with_columns((pl.col("batch share") - pl.col("reference share")).round(4).alias("change"))
                 .sort(pl.col("change").abs(), descending=True)
             ),
+            "batch": batch_id,
+            "samples": markdown_image(samples, f"batch {batch_id} beside the champion's training images"),
             "drift_over_time": markdown_image(plot, "drift over time"),
             "wandb_run": wandb_run,
-        },
+        }),
     )
     yield from drift_check_results(value, drop)

@@ -1,26 +1,33 @@
 """Training: torchrun launched through Dagster Pipes, so distributed training runs as its own
 process group (Lightning's DDP launcher would otherwise re-execute Dagster itself)."""
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import dagster as dg
+import numpy as np
 import polars as pl
 from pydantic import Field, field_validator, model_validator
 
 from orchestration.io_manager import stored_values
-from orchestration.metadata import inputs_fingerprint, markdown_image, markdown_table
+from orchestration.metadata import accuracy_text, inputs_fingerprint, markdown_image, markdown_table, readable
 from orchestration.resources import FlywheelHome, TrainingCompute, environment_executable
 from training.config import (
-    RECIPES, RESULT_FILE, TUNED_FILE, AugmentConfig, FitConfig, ModelConfig, OptimConfig, SearchSpace, TuneConfig, TunedHyperparameters,
+    RECIPES, RESULT_FILE, TUNED_FILE, AugmentConfig, FitConfig, IncrementalConfig, ModelConfig, OptimConfig, SearchSpace, TuneConfig, TunedHyperparameters,
     backbone_source,
 )
 from training.distributed_run import FAILURE_FILE_ENV
 from training.registry import ModelVersion, Registry
+from training.replay import ReplaySelection, replay_selection
 
 
 MODEL_FIELDS, OPTIM_FIELDS, AUGMENT_FIELDS = ModelConfig.model_fields, OptimConfig.model_fields, AugmentConfig.model_fields
+INCREMENTAL_FIELDS = IncrementalConfig.model_fields
+# What makes the champion's weights the network this training would build.
+NETWORK_FIELDS = ("backbone", "width", "blocks_per_stage", "resolution", "num_classes")
 TUNE_FIELDS = TuneConfig.model_fields
 
 
@@ -69,6 +76,13 @@ class TrainingConfig(dg.Config):
     ema_decay: float | None = _recipe_override("ema_decay")
     start_resolution: int | None = _recipe_override("start_resolution")
     warm_start: bool = Field(False, description="Start from the champion's weights instead of from scratch.")
+    mode: Literal["full", "incremental"] = Field(
+        "full", description="full: train on every labeled training example; incremental: fine-tune the champion on the "
+        "batches it has not trained on and a replay sample of the rest (the retraining policy chooses for the runs it launches).",
+    )
+    incremental_epochs: int | None = INCREMENTAL_FIELDS["epochs"]
+    incremental_learning_rate_scale: float = INCREMENTAL_FIELDS["learning_rate_scale"]
+    replay_ratio: float = INCREMENTAL_FIELDS["replay_ratio"]
     use_tuned: bool = Field(
         True, description="Take the values of the best trial of the latest tune run (tuned_hyperparameters) for the "
         "fields it searched, when it tuned this backbone and start; off: these settings as they are.",
@@ -82,6 +96,11 @@ class TrainingConfig(dg.Config):
 
     def optim(self) -> OptimConfig:
         return OptimConfig(**self.model_dump(include=set(OPTIM_FIELDS)))
+
+    def incremental(self) -> IncrementalConfig:
+        return IncrementalConfig(
+            epochs=self.incremental_epochs, learning_rate_scale=self.incremental_learning_rate_scale, replay_ratio=self.replay_ratio,
+        )
 
     # Checked here too, so a wrong value in flywheel.yaml is the settings file's one-line error.
     @field_validator("backbone")
@@ -110,9 +129,48 @@ def attempt_id(datasets: dict, fit_payload: dict, pretrained: Path | None) -> st
     return inputs_fingerprint([datasets["splits"], fit_payload, stamp])
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a training runs: in full, or fine-tuning the champion on the rows `selection` picks."""
+
+    mode: Literal["full", "incremental"]
+    reason: str
+    selection: ReplaySelection | None = None
+
+    def rows_digest(self) -> str | None:
+        return hashlib.md5(self.selection.indices.tobytes()).hexdigest() if self.selection is not None else None
+
+
+def training_plan(config: TrainingConfig, champion: ModelVersion | None, model: ModelConfig, ffcv_datasets: dict) -> TrainingPlan:
+    """An incremental retraining when it was asked for and the champion can be fine-tuned into this
+    training's model: the same network and recipe, and batches of the training split it has not seen.
+    Otherwise a full one, and why."""
+    if config.mode == "full":
+        return TrainingPlan("full", "a full retraining was asked for")
+    if champion is None:
+        return TrainingPlan("full", "there is no champion to fine-tune")
+    card = champion.card()
+    changed = [name for name in NETWORK_FIELDS if getattr(card.model, name) != getattr(model, name)]
+    if changed:
+        return TrainingPlan("full", f"this network differs from the champion {champion.version}'s in {', '.join(changed)}")
+    if card.augment is not None and card.augment != config.augment():
+        return TrainingPlan("full", f"the augmentation recipe changed since the champion {champion.version}")
+    train = ffcv_datasets["splits"]["train"]
+    seen = set(card.lineage.training_batches)
+    new = [batch for batch in train["batches"] if batch not in seen]
+    if not new:
+        return TrainingPlan("full", f"the champion {champion.version} trained on every batch of the training split")
+    selection = replay_selection(Path(train["index"]), new, config.replay_ratio, config.seed)
+    return TrainingPlan("incremental", (
+        f"fine-tunes the champion {champion.version} on {selection.new_examples} training examples of {len(new)} new "
+        f"batch(es) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}) and {selection.replay_examples} replayed of "
+        f"its {selection.history_examples}, class-balanced"
+    ), selection)
+
+
 def fit_config(
     context: dg.AssetExecutionContext, config: TrainingConfig, flywheel: FlywheelHome, compute: dict,
-    ffcv_datasets: dict, warm_start: str | None, run_root: Path, run_prefix: str,
+    ffcv_datasets: dict, warm_start: str | None, run_root: Path, run_prefix: str, plan: TrainingPlan | None = None,
 ) -> FitConfig:
     """The training `config` asks for, in an attempt folder under `run_root` named by its inputs. A
     configured pretrained file that is missing fails here, with what to fetch, before anything launches."""
@@ -121,14 +179,21 @@ def fit_config(
         from training.backbones import missing_weights_message
 
         raise dg.Failure(description=missing_weights_message(model.backbone, model.pretrained))
+    optim = config.optim()
+    if plan is not None and plan.selection is not None:
+        incremental = config.incremental()
+        optim = optim.model_copy(update={
+            "epochs": incremental.epochs or optim.epochs, "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
+        })
     payload = {
         "model": model.model_dump(mode="json"),
-        "optim": config.optim().model_dump(),
+        "optim": optim.model_dump(),
         "augment": config.augment().model_dump(mode="json"),
         "compute": compute,
         "warm_start": warm_start,
     }
-    run_dir = run_root / attempt_id(ffcv_datasets, payload, model.pretrained)
+    rows = plan.rows_digest() if plan is not None else None
+    run_dir = run_root / attempt_id(ffcv_datasets, payload | ({"train_rows": rows} if rows else {}), model.pretrained)
     return FitConfig(
         beton_dir=Path(ffcv_datasets["dir"]),
         run_dir=run_dir,
@@ -136,6 +201,7 @@ def fit_config(
         run_name=f"{run_prefix}-{run_dir.name}",
         tags={"dagster_run": context.run_id},
         reason=context.run.tags.get("flywheel/reason", "manual"),
+        train_indices=run_dir / "train_rows.npy" if rows else None,
         **payload,
     )
 
@@ -195,10 +261,21 @@ def trained_model(
 ) -> dg.Output[dict]:
     champion = Registry(flywheel.registry).champion()
     config, tuned_metadata = with_tuned_values(context, config, flywheel, ffcv_datasets)
-    warm_start = champion_warm_start(context, champion, config) if config.warm_start else None
-    fit = fit_config(context, config, flywheel, compute.compute_config(), ffcv_datasets, warm_start, flywheel.checkpoints, "train")
+    plan = training_plan(
+        config, champion, config.model(len(ffcv_datasets["classes"]), ffcv_datasets["resolution"], flywheel.pretrained), ffcv_datasets,
+    )
+    context.log.info(f"{plan.mode} training: {plan.reason}")
+    if plan.mode == "incremental":
+        warm_start = str(champion.weights)
+    else:
+        warm_start = champion_warm_start(context, champion, config) if config.warm_start else None
+    fit = fit_config(
+        context, config, flywheel, compute.compute_config(), ffcv_datasets, warm_start, flywheel.checkpoints, "train", plan,
+    )
     run_dir = fit.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if fit.train_indices is not None:
+        np.save(fit.train_indices, plan.selection.indices)
     config_path = run_dir / "fit_config.json"
     config_path.write_text(fit.model_dump_json(indent=2))
     context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.torchrun_command(config_path))}")
@@ -226,12 +303,19 @@ def trained_model(
         "augment": fit.augment.model_dump(mode="json"),
         "optim": fit.optim.model_dump(),
         "tuned_from": tuned_metadata["tuned_from"],
+        # An incremental candidate learned every batch: the new ones now, the others through its parent.
         "training_batches": ffcv_datasets["splits"]["train"]["batches"],
         "parent_champion": champion.version if champion else None,
+        "mode": plan.mode,
     }
-    return dg.Output(value, metadata={
-        **reported, **tuned_metadata, "attempt": run_dir.name, "training_batches": len(value["training_batches"]),
-    })
+    selection = plan.selection
+    return dg.Output(value, metadata=readable({
+        **reported, "val_accuracy": accuracy_text(result["val_accuracy"], ffcv_datasets["splits"]["val"]["examples"]),
+        **tuned_metadata, "attempt": run_dir.name, "training_batches": len(value["training_batches"]),
+        "mode": plan.mode, "mode_reason": plan.reason,
+        "trained_examples": selection.new_examples + selection.replay_examples if selection else ffcv_datasets["splits"]["train"]["examples"],
+        **({"new_examples": selection.new_examples, "replay_examples": selection.replay_examples} if selection else {}),
+    }))
 
 
 class TuneJobConfig(dg.Config):

@@ -3,6 +3,7 @@ and daemon on a free port, the asset graph with every asset key, a materializati
 the UI, its run, and the champion's metadata. Screenshots land in the test's tmp dir."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -143,6 +144,8 @@ def test_the_ui_shows_the_graph_launches_a_run_and_shows_the_champion(dagster_de
         # The champion's materialization metadata.
         page.goto(f"{dagster_dev}/assets/champion_model")
         expect(page.get_by_text("v0001").first).to_be_visible()
+        # Formatted for people: an accuracy as a percentage with its interval, not a float of 16 digits.
+        expect(page.get_by_text(re.compile(r"\d+\.\d\d % \(95% CI \d+\.\d-\d+\.\d %, \d+ images\)")).first).to_be_visible()
         page.screenshot(path=shots / "7-champion.png", full_page=True)
         browser.close()
     assert len(list(shots.glob("*.png"))) == 7

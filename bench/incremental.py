@@ -1,0 +1,181 @@
+"""Does a retraining's cost follow the new data? Full and incremental retraining side by side.
+
+Builds per-batch FFCV shards with the product's `build_datasets` (each batch split 70/15/15 into
+train/val/test): `--history` batches of the digits (each copy shifted and grained differently, so no
+two batches are alike) and one new batch that drifted (inverted polarity, digits no history batch
+holds). Then, each training its own process as the `trained_model` asset launches it
+(`python -m training.fit`: imports, FFCV's compilation and all):
+
+  full, 1 batch of history      the retraining of a young project: every example, the full recipe
+  champion                      full on the history alone: what the incremental retraining starts from
+  full, N batches of history    every example of the history and the new batch
+  incremental, N                the champion fine-tuned on the new batch and a class-balanced replay
+                                sample (`training.replay`, trained_model's incremental_* defaults)
+
+and compares the two N-batch candidates on the test split: overall, per batch, and the gate's own
+per-slice test (exact McNemar per batch and class, Holm-adjusted) of incremental against full.
+Prints a table, then one JSON line.
+
+    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from orchestration.assets.evaluation import GateConfig
+from orchestration.assets.training import TrainingConfig
+from training.config import FitConfig, ModelConfig, OptimConfig, RECIPES
+from training.data import build_datasets, read_beton
+from training.gate import compare_slices
+from training.inference import load_classifier, predict_torch
+from training.replay import replay_selection
+from transforms.simulate import digits_pool
+
+RESOLUTION = 32
+
+
+@dataclass(frozen=True)
+class Shard:
+    images: np.ndarray
+    index: pl.DataFrame
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index["label"].to_numpy()
+
+
+def batch_images(pool: str, size: int, seed: int, invert: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`size` digits of `pool` at 32 px RGB, each shifted by up to 2 px with grain, seeded per batch."""
+    _, images, labels = digits_pool(pool)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(labels), size, replace=size > len(labels))
+    out = np.empty((size, RESOLUTION, RESOLUTION, 3), np.uint8)
+    for row, pick in enumerate(picks):
+        image = np.asarray(Image.fromarray(images[pick], mode="L").resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR), np.float32)
+        image = np.roll(image, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) + rng.normal(0, 6, image.shape)
+        image = np.clip(255 - image if invert else image, 0, 255).astype(np.uint8)
+        out[row] = image[:, :, None]
+    return out, labels[picks]
+
+
+def build(folder: Path, history: int, batch_size: int) -> dict:
+    """Per-batch shards and split files of `history` clean batches and one drifted batch."""
+    batches = {f"hist-{n:03d}": ("main", n, False) for n in range(history)} | {"new-000": ("holdout", 1000, True)}
+    splits = {}
+    for batch_id, (pool, seed, invert) in batches.items():
+        images, labels = batch_images(pool, batch_size, seed, invert)
+        cut = np.random.default_rng(seed).permutation(batch_size)
+        train_end, val_end = int(0.7 * batch_size), int(0.85 * batch_size)
+        for split, rows in (("train", cut[:train_end]), ("val", cut[train_end:val_end]), ("test", cut[val_end:])):
+            rows = np.sort(rows)
+            index = pl.DataFrame({"image_id": [f"{batch_id}-{r}" for r in rows], "batch_id": batch_id, "label": labels[rows]})
+            splits[(split, batch_id)] = Shard(images[rows], index)
+    digests = {key: f"{key[1]}-{len(shard.labels)}" for key, shard in splits.items()}
+    return build_datasets(folder, "bench", digests, lambda split, batch_id: splits[(split, batch_id)]).manifest
+
+
+def train(name: str, beton_dir: Path, root: Path, optim: OptimConfig, warm_start: Path | None = None, rows: np.ndarray | None = None) -> dict:
+    """One training in its own process, as the asset launches it; its wall time and result."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    indices = None
+    if rows is not None:
+        indices = run_dir / "train_rows.npy"
+        np.save(indices, rows)
+    config = FitConfig(
+        beton_dir=beton_dir, run_dir=run_dir, wandb_save_dir=root, run_name=f"bench-{name}",
+        model=ModelConfig(num_classes=10, resolution=RESOLUTION), optim=optim, augment=RECIPES["small_images"],
+        warm_start=warm_start, train_indices=indices,
+    )
+    (run_dir / "fit_config.json").write_text(config.model_dump_json())
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "training.fit", str(run_dir / "fit_config.json")], check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 1), **json.loads((run_dir / "result.json").read_text())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--history", type=int, default=20, help="batches of history")
+    parser.add_argument("--batch-size", type=int, default=150, help="images per batch")
+    parser.add_argument("--epochs", type=int, default=OptimConfig().epochs, help="epochs of a full retraining")
+    args = parser.parse_args()
+    settings = TrainingConfig(epochs=args.epochs)
+    incremental = settings.incremental()
+    optim = settings.optim()
+    fine_tune = optim.model_copy(update={
+        "epochs": incremental.epochs or optim.epochs, "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
+    })
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-incremental-") as tmp:
+        root = Path(tmp)
+        young, grown = build(root / "young", 1, args.batch_size), build(root / "grown", args.history, args.batch_size)
+        # The champion: the history alone (the new batch's rows left out of its training).
+        train_index = pl.read_parquet(grown["train"]["index"])
+        history_rows = np.flatnonzero((train_index["batch_id"] != "new-000").to_numpy()).astype(np.uint64)
+        runs = {
+            "full, 1 batch of history": train("full-1", root / "young", root, optim),
+            "champion (history only)": train("champion", root / "grown", root, optim, rows=history_rows),
+        }
+        runs[f"full, {args.history} batches"] = train("full-n", root / "grown", root, optim)
+        selection = replay_selection(Path(grown["train"]["index"]), ["new-000"], incremental.replay_ratio, optim.seed)
+        runs[f"incremental, {args.history} batches"] = train(
+            "incremental-n", root / "grown", root, fine_tune, warm_start=Path(runs["champion (history only)"]["weights_path"]),
+            rows=selection.indices,
+        )
+
+        images, labels = read_beton(root / "grown" / "test.beton")
+        batches = pl.read_parquet(grown["test"]["index"])["batch_id"].to_numpy()
+        model = ModelConfig(num_classes=10, resolution=RESOLUTION)
+        predictions = {
+            mode: predict_torch(load_classifier(Path(runs[f"{mode}, {args.history} batches"]["weights_path"]), model), images).argmax(axis=1)
+            for mode in ("full", "incremental")
+        }
+        correct = {mode: predictions[mode] == labels for mode in predictions}
+        slices = compare_slices(labels, batches, predictions["incremental"], predictions["full"], GateConfig().policy())
+
+    examples = {"full, 1 batch of history": young["train"]["examples"], "champion (history only)": len(history_rows),
+                f"full, {args.history} batches": grown["train"]["examples"],
+                f"incremental, {args.history} batches": len(selection.indices)}
+    rows = [
+        {"training": name, "examples": examples[name], "epochs": r["epochs_completed"], "wall s": r["seconds"],
+         "train s": r["train_seconds"], "val acc": round(r["val_accuracy"], 4)}
+        for name, r in runs.items()
+    ]
+    with pl.Config(tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True, tbl_rows=-1, fmt_str_lengths=40):
+        print(pl.DataFrame(rows))
+        per_batch = pl.DataFrame({"batch": batches, "full": correct["full"], "incremental": correct["incremental"]}).group_by("batch").agg(
+            pl.len().alias("test images"), pl.col("full").mean().round(3), pl.col("incremental").mean().round(3),
+        ).sort("batch")
+        print(per_batch)
+    baseline = runs["full, 1 batch of history"]["seconds"]
+    regressed = [s.slice for s in slices if s.regressed]
+    overall = {mode: round(float(c.mean()), 4) for mode, c in correct.items()}
+    print(f"incremental with {args.history} batches of history: {runs[f'incremental, {args.history} batches']['seconds'] / baseline:.2f}x "
+          f"the time of a full retraining with 1 (target <= 1.5x); full: {runs[f'full, {args.history} batches']['seconds'] / baseline:.2f}x")
+    print(f"test accuracy: full {overall['full']:.4f}, incremental {overall['incremental']:.4f} on {len(labels)} images; "
+          f"slices significantly worse (gate's McNemar + Holm): {', '.join(regressed) or 'none'}")
+    print(json.dumps({
+        "history_batches": args.history, "batch_size": args.batch_size,
+        "seconds": {name: r["seconds"] for name, r in runs.items()},
+        "incremental_vs_full_1_history": round(runs[f"incremental, {args.history} batches"]["seconds"] / baseline, 3),
+        "full_vs_full_1_history": round(runs[f"full, {args.history} batches"]["seconds"] / baseline, 3),
+        "incremental_examples": len(selection.indices), "replay_examples": selection.replay_examples,
+        "accuracy": overall, "accuracy_gap": round(overall["full"] - overall["incremental"], 4),
+        "per_batch": {row["batch"]: {"full": row["full"], "incremental": row["incremental"]} for row in per_batch.to_dicts()},
+        "regressed_slices": regressed,
+    }))
+
+
+if __name__ == "__main__":
+    main()
