@@ -54,3 +54,36 @@ def test_promotion_and_rollback_move_the_wandb_champion_alias(home: Path, capsys
     # The same files as v0001's: W&B keeps one artifact version for one digest, so the alias moves back to it.
     assert restored["aliases"] == {"v0001", "champion"} and restored["digest"] == first["digest"]
     assert registry.champion().version == "v0001"
+
+
+def test_an_evaluation_is_logged_as_wandb_tables_with_the_worst_misclassified_images(tmp_path: Path):
+    import json
+
+    import numpy as np
+
+    from training.evaluate import Evaluation, classification_metrics
+    from training.tracking import log_evaluation
+
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    logits = np.array([[5, 0, 0], [0, 5, 0], [0, 0.2, 0], [0, 9, 0], [1, 0, 0], [0, 0, 5]], dtype=np.float32)
+    metrics = classification_metrics(logits, labels, 3)
+    evaluation = Evaluation(metrics, None, None, logits)
+    rows, confidence = evaluation.worst_misclassified(labels, 16)
+    assert rows.tolist() == [3, 4, 2]  # wrong, the most confident first (9 > 1 > 0.2 on the wrong class)
+    assert confidence[0] > confidence[1] > confidence[2]
+
+    worst = [{"image": np.full((8, 8, 3), 50 * r, np.uint8), "label": int(labels[r]), "predicted": int(logits[r].argmax()), "confidence": float(c), "batch": "b"}
+             for r, c in zip(rows, confidence)]
+    run_id = log_evaluation("evaluate-test", metrics.to_dict(), ["cat", "dog", "fox"], worst, tmp_path)
+    path = find_offline_run(tmp_path / "wandb", run_id)
+    (logged,) = read_offline_run(path).history  # nested keys flattened: "<table>/_type", "<table>/path"
+    tables = {key.removesuffix("/_type"): json.loads((path.parent / "files" / logged[key.replace("/_type", "/path")]).read_text())
+              for key, value in logged.items() if key.endswith("/_type") and value == "table-file"}
+    assert set(tables) == {"evaluation/per_class", "evaluation/confusion_matrix", "evaluation/worst_misclassified"}
+    assert [row[1] for row in tables["evaluation/per_class"]["data"]] == ["cat", "dog", "fox"]
+    assert ["cat", "dog", 1] in tables["evaluation/confusion_matrix"]["data"]
+    misclassified = tables["evaluation/worst_misclassified"]
+    assert [row[1:3] for row in misclassified["data"]] == [["cat", "dog"], ["dog", "cat"], ["fox", "dog"]]
+    # The images travel in the table's artifact (W&B dedupes them by content; these three differ).
+    (table_artifact,) = [a for a in read_offline_run(path).artifacts if "worst_misclassified" in a["name"]]
+    assert len([f for f in table_artifact["files"] if f.startswith("media/images/") and f.endswith(".png")]) == 3

@@ -140,6 +140,16 @@ class Evaluation:
     candidate: Metrics
     champion: Metrics | None
     gate: GateDecision
+    candidate_logits: np.ndarray
+
+    def worst_misclassified(self, labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, confidences): the test rows the candidate got wrong with the most confidence (its
+        softmax probability of the wrong class), most confident first."""
+        exp = np.exp(self.candidate_logits - self.candidate_logits.max(axis=1, keepdims=True))
+        confidence = exp.max(axis=1) / exp.sum(axis=1)
+        wrong = np.flatnonzero(self.candidate_logits.argmax(axis=1) != labels)
+        rows = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+        return rows, confidence[rows]
 
 
 def evaluate_candidate(
@@ -159,4 +169,4 @@ def evaluate_candidate(
         test.labels, test.slices, answers(candidate_logits, candidate),
         None if champion is None else answers(champion_logits, champion), policy, model,
     )
-    return Evaluation(candidate, champion, decision)
+    return Evaluation(candidate, champion, decision, candidate_logits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,35 @@ def log_monitoring(report: dict, save_dir: Path, images: dict[str, Path] | None 
         run.finish()
 
 
+def log_evaluation(
+    name: str, metrics: dict, class_names: list[str], worst: list[dict], save_dir: Path, project: str = "flywheel",
+) -> str:
+    """One W&B run per evaluation (job type `evaluate`): per-class metrics, the confusion matrix and
+    the worst misclassified test images as W&B tables. `metrics` is `Metrics.to_dict()`; `worst`
+    rows have `image` (uint8 HWC), `label`, `predicted`, `confidence`, `batch`."""
+    import wandb
+
+    run = wandb.init(project=project, dir=str(save_dir), mode=wandb_mode(), job_type="evaluate", name=name)
+    try:
+        per_class = wandb.Table(
+            columns=["class", "name", "precision", "recall", "support"],
+            data=[[row["class"], class_names[row["class"]], row["precision"], row["recall"], row["support"]] for row in metrics["per_class"]],
+        )
+        confusion = wandb.Table(
+            columns=["actual", "predicted", "count"],
+            data=[[class_names[a], class_names[p], count] for a, row in enumerate(metrics["confusion"]) for p, count in enumerate(row) if count],
+        )
+        misclassified = wandb.Table(
+            columns=["image", "label", "predicted", "confidence", "batch"],
+            data=[[wandb.Image(row["image"]), class_names[row["label"]], class_names[row["predicted"]], row["confidence"], row["batch"]] for row in worst],
+        )
+        run.log({"evaluation/per_class": per_class, "evaluation/confusion_matrix": confusion, "evaluation/worst_misclassified": misclassified})
+        run.summary.update({"test/accuracy": metrics["accuracy"], "test/macro_f1": metrics["macro_f1"], "test/ece": metrics["ece"]})
+        return run.id
+    finally:
+        run.finish()
+
+
 @dataclass
 class OfflineRun:
     run_id: str
@@ -89,7 +119,7 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
-    artifacts: list[dict] = field(default_factory=list)  # name, type, digest, aliases of each artifact it logged
+    artifacts: list[dict] = field(default_factory=list)  # name, type, digest, aliases, files of each artifact it logged
 
 
 def _items(items) -> dict:
@@ -103,11 +133,22 @@ def find_offline_run(wandb_dir: Path, run_id: str) -> Path:
     return matches[-1]
 
 
-def read_offline_run(path: Path) -> OfflineRun:
-    """Config, per-step history and final summary of one offline run file."""
+def read_offline_run(path: Path, wait_seconds: float = 30.0) -> OfflineRun:
+    """Config, per-step history, final summary and artifacts of one offline run file. W&B's service
+    may still be writing the file's last records when `run.finish()` returns: the file is read
+    again until its exit record is there (at most `wait_seconds`)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        run, complete = _scan_offline_run(path)
+        if complete or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _scan_offline_run(path: Path) -> tuple[OfflineRun, bool]:
     store = DataStore()
     store.open_for_scan(str(path))
-    run = OfflineRun(run_id=path.stem.removeprefix("run-"))
+    run, complete = OfflineRun(run_id=path.stem.removeprefix("run-")), False
     while (data := store.scan_data()) is not None:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
@@ -122,7 +163,10 @@ def read_offline_run(path: Path) -> OfflineRun:
             artifact = record.artifact
             run.artifacts.append({
                 "name": artifact.name, "type": artifact.type, "digest": artifact.digest, "aliases": list(artifact.aliases),
+                "files": [entry.path for entry in artifact.manifest.contents],
             })
         elif kind == "config":
             run.config.update({k: v.get("value", v) if isinstance(v, dict) else v for k, v in _items(record.config.update).items()})
-    return run
+        elif kind == "exit":
+            complete = True
+    return run, complete

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from pydantic import Field
 import polars as pl
 
@@ -12,6 +13,10 @@ from training.config import ModelConfig
 from training.gate import GateDecision, GatePolicy
 from training.registry import FP32_FILE, Registry
 from training.results import Metrics
+
+
+# The test images the candidate got wrong with the most confidence, shown in its W&B evaluation run.
+WORST_IMAGES = 16
 
 
 class GateConfig(dg.Config):
@@ -45,8 +50,10 @@ def model_evaluation(
     ffcv_datasets: dict,
     trained_model: dict,
 ) -> dg.Output[dict]:
-    from training.evaluate import TestSet, confusion_matrix_png, evaluate_models  # heavy: imported by the runs that use it (orchestration/__init__.py)
+    from training.data import read_beton  # heavy: imported by the runs that use it (orchestration/__init__.py)
+    from training.evaluate import TestSet, confusion_matrix_png, evaluate_models
     from training.inference import load_classifier, predict_onnx, predict_torch
+    from training.tracking import log_evaluation
 
     test_split = ffcv_datasets["splits"]["test"]
     test = TestSet.load(Path(test_split["path"]), Path(test_split["index"]))
@@ -66,6 +73,18 @@ def model_evaluation(
     )
     for reason in decision.reasons:
         context.log.info(f"gate: {reason}")
+    worst, confidence = evaluation.worst_misclassified(test.labels, WORST_IMAGES)
+    # Read back from the split's file by row: the test images are streamed, never all in memory.
+    images = dict(zip(np.sort(worst).tolist(), read_beton(Path(test_split["path"]), indices=np.sort(worst))[0])) if len(worst) else {}
+    wandb_run = log_evaluation(
+        f"evaluate-{trained_model['attempt'][:8]}", candidate.to_dict(), ffcv_datasets["classes"],
+        [
+            {"image": images[row], "label": int(test.labels[row]), "predicted": int(evaluation.candidate_logits[row].argmax()),
+             "confidence": float(p), "batch": str(test.slices[row])}
+            for row, p in zip(worst.tolist(), confidence)
+        ],
+        flywheel.root,
+    )
 
     value = {
         "candidate": candidate.to_dict(),
@@ -75,6 +94,7 @@ def model_evaluation(
         # The export judges the served int8 files by the same policy.
         "gate_policy": config.policy().model_dump(),
         "confusion_matrix_png": str(plot),
+        "wandb_run": wandb_run,
     }
     return dg.Output(
         value,
@@ -94,6 +114,7 @@ def model_evaluation(
                 pl.Series("name", [ffcv_datasets["classes"][row["class"]] for row in candidate.per_class])
             )),
             "confusion_matrix": markdown_image(plot, "confusion matrix"),
+            "wandb_run": wandb_run,
         }),
     )
 
