@@ -15,7 +15,7 @@ from training.tracking import find_offline_run, read_offline_run
 
 
 def promote_through_the_asset(home: Path, version: str) -> str:
-    """champion_model with every gate passed; the id of the W&B run that moved the alias."""
+    """champion_model with every gate passed; the id of the W&B run that moved the alias, if one did."""
     passed = {"passed": True, "reasons": ["test"]}
     result = champion_model(
         context=dg.build_asset_context(), flywheel=FlywheelHome(home=str(home)),
@@ -42,6 +42,7 @@ def test_promotion_and_rollback_move_the_wandb_champion_alias(home: Path, capsys
     assert first["name"] == second["name"] == "flywheel-classifier" and first["type"] == "model"
     assert first["aliases"] == {"v0001", "champion"} and second["aliases"] == {"v0002", "champion"}
     assert first["digest"] != second["digest"]
+    assert promote_through_the_asset(home, "v0002") == "none (nothing moved)"  # a re-run logs nothing
 
     with pytest.raises(SystemExit) as exit_info:
         main(["rollback"])

@@ -172,9 +172,11 @@ def champion_model(
     if promoted:
         from training.tracking import log_champion  # heavy: imported by the runs that use it
 
+        before = registry.champion_pointer()
         version = registry.promote(candidate, reason="; ".join(model_evaluation["gate"]["reasons"]))
-        wandb_run = log_champion(version.path, version.version, version.card(), flywheel.root, event="promote")
-        context.log.info(f"{candidate} is the new champion (W&B alias `champion` moved by run {wandb_run})")
+        if before != candidate:  # a re-run that promotes the champion again moves nothing
+            wandb_run = log_champion(version.path, version.version, version.card(), flywheel.root, event="promote")
+        context.log.info(f"{candidate} is the champion (W&B alias `champion`: {f'moved by run {wandb_run}' if wandb_run else 'already there'})")
     else:
         failed = [name for name, ok in gates.items() if not ok]
         context.log.warning(f"{candidate} was not promoted: the {' and '.join(failed)} gate failed")
@@ -189,6 +191,6 @@ def champion_model(
             "champion_test_accuracy": accuracy_text(metrics.test_accuracy, metrics.test_examples) if metrics else "none",
             "champion_int8_test_accuracy": accuracy_text(metrics.test_accuracy_int8, metrics.test_examples) if metrics else "none",
             "champion_path": dg.MetadataValue.path(str(champion.path)) if champion else "none",
-            "wandb_alias_run": wandb_run or "none (not promoted)",
+            "wandb_alias_run": wandb_run or "none (nothing moved)",
         },
     )
