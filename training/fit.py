@@ -235,7 +235,7 @@ def fit(
     threads = loader_threads(config.compute.num_workers)
     datamodule = FFCVDataModule(
         config.beton_dir, config.optim.batch_size, threads, config.optim.seed,
-        config.model.resolution, config.augment, np.load(config.train_indices) if config.train_indices else None,
+        config.model.resolution, config.augment, np.load(config.train_indices, allow_pickle=False) if config.train_indices else None,
     )
     config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
