@@ -18,7 +18,7 @@ def markdown_table(frame: pl.DataFrame) -> dg.MarkdownMetadataValue:
         return dg.MetadataValue.md("_no rows_")
     with pl.Config(
         tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
-        tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40,
+        tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40, tbl_width_chars=65_535,  # never wrap cells: a markdown row is one line
     ):
         return dg.MetadataValue.md(str(frame))
 

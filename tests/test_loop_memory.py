@@ -104,12 +104,16 @@ def same_run(decision: str) -> str:
     return re.sub(r"run [0-9a-f]{8}", "run <id>", decision)
 
 
+# Why, and in which mode: a first model is a full training.
+FIRST_MODEL = "yes: there is no champion yet. Full retraining: there is no champion to fine-tune"
+
+
 def check_history(decisions: list[str]) -> None:
     first, unchanged, new_data = decisions
-    assert first == "yes: there is no champion yet", decisions
+    assert first == FIRST_MODEL, decisions
     assert unchanged.startswith("no: retraining wanted (there is no champion yet), not launched: this retraining already ran")
     assert "failed the evaluation_gate: waiting for new data, labels, settings or code" in unchanged, decisions
-    assert new_data == "yes: there is no champion yet", decisions  # retried: the data changed
+    assert new_data == FIRST_MODEL, decisions  # retried: the data changed
 
 
 def test_the_daemons_sensors_and_flywheel_run_decide_the_same_and_remember_gate_failures(tmp_path: Path, monkeypatch):
@@ -134,7 +138,7 @@ def test_the_daemons_sensors_and_flywheel_run_decide_the_same_and_remember_gate_
     labels.mkdir()
     first = pl.read_parquet(cli_home / "landing" / "first-000.parquet")
     pl.DataFrame({"image_id": first["image_id"][:10], "label": (first["label"][:10] + 1) % 10}).write_parquet(labels / "fix.parquet")
-    assert cli_tick(cli_home) == "yes: there is no champion yet"
+    assert cli_tick(cli_home) == FIRST_MODEL
     assert cli_tick(cli_home).startswith("no: ")
 
 

@@ -85,7 +85,7 @@ def test_the_tune_job_finds_values_that_the_next_trained_model_uses(digits_split
 
     datasets = {
         "dir": str(digits_splits["dir"]), "classes": [str(digit) for digit in range(10)], "resolution": 32,
-        "splits": {"train": {"batches": ["digits"]}},
+        "splits": {"train": {"batches": ["digits"], "examples": 400}, "val": {"examples": 100}},  # digits_splits' sizes
     }
     flywheel = FlywheelHome(home=str(home))
     stored = value_path(flywheel, dg.AssetKey("ffcv_datasets"), None)
