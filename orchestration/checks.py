@@ -96,16 +96,16 @@ def current_freshness(instance: dg.DagsterInstance, flywheel: FlywheelHome) -> l
     return freshness(champion.card() if champion else None, labeled_batches(instance), time.time(), flywheel.project.retraining)
 
 
-def _freshness_result(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome, check: str) -> dg.AssetCheckResult:
-    verdict = next(v for v in current_freshness(context.instance, flywheel) if v.check == check)
+def _freshness_result(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome, verdict: Freshness) -> dg.AssetCheckResult:
     if not verdict.passed:
         # Raised as failed runs are (run_failure_recorder): a warning in the run and a line in monitoring/.
         path = flywheel.root / "monitoring" / "freshness_alerts.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:
-            handle.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "check": check, "message": verdict.summary}) + "\n")
-        context.log.warning(f"{check} failed: {verdict.summary}")
+            handle.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "check": verdict.check, "message": verdict.summary}) + "\n")
+        context.log.warning(f"{verdict.check} failed: {verdict.summary}")
     return dg.AssetCheckResult(
+        check_name=verdict.check,
         passed=verdict.passed,
         severity=dg.AssetCheckSeverity.ERROR,
         description=verdict.summary,
@@ -117,19 +117,21 @@ def _freshness_result(context: dg.AssetCheckExecutionContext, flywheel: Flywheel
     )
 
 
-@dg.asset_check(
-    asset="champion_model",
-    description="The champion is no older than retraining.champion_max_age_hours while labeled batches ingested after "
-    "it wait (an old champion with nothing new to learn passes).",
+# One evaluation gives both verdicts: the registry and the ingestion records are read once.
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            "champion_fresh", asset="champion_model",
+            description="The champion is no older than retraining.champion_max_age_hours while labeled batches ingested "
+            "after it wait (an old champion with nothing new to learn passes).",
+        ),
+        dg.AssetCheckSpec(
+            "labeled_batches_used", asset="champion_model",
+            description="No labeled batch has waited longer than retraining.labeled_batch_max_wait_hours after its "
+            "ingestion without a champion trained on it.",
+        ),
+    ],
 )
-def champion_fresh(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome) -> dg.AssetCheckResult:
-    return _freshness_result(context, flywheel, "champion_fresh")
-
-
-@dg.asset_check(
-    asset="champion_model",
-    description="No labeled batch has waited longer than retraining.labeled_batch_max_wait_hours after its ingestion "
-    "without a champion trained on it.",
-)
-def labeled_batches_used(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome) -> dg.AssetCheckResult:
-    return _freshness_result(context, flywheel, "labeled_batches_used")
+def freshness_checks(context: dg.AssetCheckExecutionContext, flywheel: FlywheelHome):
+    for verdict in current_freshness(context.instance, flywheel):
+        yield _freshness_result(context, flywheel, verdict)

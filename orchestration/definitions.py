@@ -17,7 +17,7 @@ from orchestration.automation import (
     run_failure_recorder,
     transform_on_ingestion,
 )
-from orchestration.checks import champion_fresh, evaluation_gate, export_gate, labeled_batches_used, served_model_gate
+from orchestration.checks import evaluation_gate, export_gate, freshness_checks, served_model_gate
 from orchestration.io_manager import JsonIOManager
 from orchestration.jobs import freshness_job, full_loop_job, ingest_job, labels_job, monitor_job, retrain_job, transform_job, tune_job
 from orchestration.resources import FlywheelHome, TrainingCompute
@@ -38,7 +38,7 @@ defs = dg.Definitions(
         champion_model,
         drift_report,
     ],
-    asset_checks=[evaluation_gate, export_gate, served_model_gate, champion_fresh, labeled_batches_used],
+    asset_checks=[evaluation_gate, export_gate, served_model_gate, freshness_checks],
     jobs=[ingest_job, labels_job, transform_job, retrain_job, tune_job, monitor_job, full_loop_job, freshness_job],
     sensors=[landing_sensor, transform_on_ingestion, monitoring_sensor, drift_sensor, run_failure_recorder],
     schedules=[retraining_schedule, freshness_schedule],
