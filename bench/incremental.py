@@ -16,7 +16,7 @@ and compares the two N-batch candidates on the test split: overall, per batch, a
 per-slice test (exact McNemar per batch and class, Holm-adjusted) of incremental against full.
 Prints a table, then one JSON line.
 
-    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16]
+    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16] [--test-size 200]
 """
 
 import argparse
@@ -68,8 +68,10 @@ def batch_images(pool: str, size: int, seed: int, invert: bool) -> tuple[np.ndar
     return out, labels[picks]
 
 
-def build(folder: Path, history: int, batch_size: int) -> dict:
-    """Per-batch shards and split files of `history` clean batches and one drifted batch."""
+def build(folder: Path, history: int, batch_size: int, test_size: int = 0) -> dict:
+    """Per-batch shards and split files of `history` clean batches and one drifted batch. Each batch's
+    test split gets `test_size` more images of the same kind beyond its 15%: a gap of 1 point between
+    two models is 5 images of 483, well within chance, and 20 of the new batch's 23 test images."""
     batches = {f"hist-{n:03d}": ("main", n, False) for n in range(history)} | {"new-000": ("holdout", 1000, True)}
     splits = {}
     for batch_id, (pool, seed, invert) in batches.items():
@@ -78,8 +80,13 @@ def build(folder: Path, history: int, batch_size: int) -> dict:
         train_end, val_end = int(0.7 * batch_size), int(0.85 * batch_size)
         for split, rows in (("train", cut[:train_end]), ("val", cut[train_end:val_end]), ("test", cut[val_end:])):
             rows = np.sort(rows)
-            index = pl.DataFrame({"image_id": [f"{batch_id}-{r}" for r in rows], "batch_id": batch_id, "label": labels[rows]})
-            splits[(split, batch_id)] = Shard(images[rows], index)
+            split_images, split_labels = images[rows], labels[rows]
+            if split == "test" and test_size:
+                more_images, more_labels = batch_images(pool, test_size, seed + 100_000, invert)
+                split_images, split_labels = np.concatenate([split_images, more_images]), np.concatenate([split_labels, more_labels])
+            ids = [f"{batch_id}-{r}" for r in range(len(split_labels))] if split == "test" else [f"{batch_id}-{r}" for r in rows]
+            index = pl.DataFrame({"image_id": ids, "batch_id": batch_id, "label": split_labels})
+            splits[(split, batch_id)] = Shard(split_images, index)
     digests = {key: f"{key[1]}-{len(shard.labels)}" for key, shard in splits.items()}
     return build_datasets(folder, "bench", digests, lambda split, batch_id: splits[(split, batch_id)]).manifest
 
@@ -109,6 +116,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=20, help="batches of history")
     parser.add_argument("--batch-size", type=int, default=150, help="images per batch")
     parser.add_argument("--epochs", type=int, default=OptimConfig().epochs, help="epochs of a full retraining")
+    parser.add_argument("--test-size", type=int, default=200, help="test images per batch beyond its 15%% split")
     args = parser.parse_args()
     settings = TrainingConfig(epochs=args.epochs)
     incremental = settings.incremental()
@@ -119,7 +127,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="flywheel-incremental-") as tmp:
         root = Path(tmp)
-        young, grown = build(root / "young", 1, args.batch_size), build(root / "grown", args.history, args.batch_size)
+        young, grown = build(root / "young", 1, args.batch_size), build(root / "grown", args.history, args.batch_size, args.test_size)
         # The champion: the history alone (the new batch's rows left out of its training).
         train_index = pl.read_parquet(grown["train"]["index"])
         history_rows = np.flatnonzero((train_index["batch_id"] != "new-000").to_numpy()).astype(np.uint64)
@@ -166,7 +174,7 @@ def main() -> None:
     print(f"test accuracy: full {overall['full']:.4f}, incremental {overall['incremental']:.4f} on {len(labels)} images; "
           f"slices significantly worse (gate's McNemar + Holm): {', '.join(regressed) or 'none'}")
     print(json.dumps({
-        "history_batches": args.history, "batch_size": args.batch_size,
+        "history_batches": args.history, "batch_size": args.batch_size, "test_images": len(labels),
         "seconds": {name: r["seconds"] for name, r in runs.items()},
         "incremental_vs_full_1_history": round(runs[f"incremental, {args.history} batches"]["seconds"] / baseline, 3),
         "full_vs_full_1_history": round(runs[f"full, {args.history} batches"]["seconds"] / baseline, 3),
