@@ -38,6 +38,9 @@ def test_the_test_set_streams_from_the_beton_a_batch_at_a_time_and_checks_its_in
     np.testing.assert_allclose(streamed, predict_torch(network, digits_splits["images"]["test"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(doubled, 2 * streamed, rtol=1e-6)
     assert test.slices.tolist()[:4] == ["b0", "b1", "b2", "b0"]
+    held = test.in_memory()  # for the int8 search's many passes: the same images, labels and slices, read once
+    np.testing.assert_array_equal(np.concatenate(list(held.image_batches(50))), digits_splits["images"]["test"])
+    assert held.labels is test.labels and held.slices is test.slices
 
     pl.DataFrame({"label": labels[:-1], "batch_id": ["b"] * (len(labels) - 1)}).write_parquet(index)
     with pytest.raises(ValueError, match=f"describes {len(labels) - 1} examples but .*test.beton holds {len(labels)}"):

@@ -104,6 +104,10 @@ class TestSet:
         slices = np.full(len(labels), "all") if slices is None else slices
         return cls(labels, slices, lambda batch_size: (images[i : i + batch_size] for i in range(0, len(images), batch_size)))
 
+    def in_memory(self) -> TestSet:
+        """The same test set with its images read once, for a caller that passes over them many times."""
+        return TestSet.of_arrays(np.concatenate(list(self.image_batches(256))), self.labels, self.slices)
+
     def logits(self, *models: Callable[[np.ndarray], np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
         """Each model's logits on every test image, all in one pass over the images."""
         outputs: list[list[np.ndarray]] = [[] for _ in models]
