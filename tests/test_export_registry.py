@@ -51,7 +51,11 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
     memory = RecipeMemory(folder / "recipes.json")
     key = memory.key(folder / "model.onnx")
     assert searched.int8_recipe_searched and len(searched.recipe_trials) == len(CANDIDATE_RECIPES)
-    assert memory.recall(key) == RECIPES_BY_NAME[searched.int8_recipe]
+    # The whole ranking of the recipes that kept the accuracy, fastest first, the chosen one at its head.
+    ranking = memory.recall(key)
+    assert ranking[0] == RECIPES_BY_NAME[searched.int8_recipe]
+    passing = sorted((t for t in searched.recipe_trials if t.passed_accuracy_gate), key=lambda t: t.latency_ms_batch64)
+    assert [r.name for r in ranking] == [t.recipe for t in passing]
 
     # Other weights of the same architecture on the same machine: the remembered recipe alone.
     network = load_classifier(trained_weights, ModelConfig(width=32))
@@ -71,9 +75,23 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
     assert RecipeMemory.key(export_fp32(build_network(ModelConfig(width=48)).eval(), 32, wider / "model.onnx")) != key
     chosen, trials, searched_again = choose_int8(
         folder / "model.onnx", digits_splits["images"]["val"], digits_test(digits_splits), searched.fp32_accuracy,
-        -1.0, tmp_path / "refused.int8.onnx", recipes=CANDIDATE_RECIPES[:2], remembered=CANDIDATE_RECIPES[3],
+        -1.0, tmp_path / "refused.int8.onnx", recipes=CANDIDATE_RECIPES[:2], remembered=[CANDIDATE_RECIPES[3], CANDIDATE_RECIPES[4]],
     )
     assert searched_again and [t.recipe for t in trials] == [r.name for r in CANDIDATE_RECIPES[:2]]
+
+    # A remembered recipe that loses accuracy on new weights: the next of the ranking, not a search.
+    # The least and the most accurate recipe of the search, with an fp32 accuracy and a limit that only
+    # the more accurate one keeps.
+    worst = min(searched.recipe_trials, key=lambda t: t.accuracy)
+    best = max(searched.recipe_trials, key=lambda t: t.accuracy)
+    if worst.accuracy == best.accuracy:
+        pytest.skip("every int8 recipe scored the same on these test images: no recipe to lose accuracy")
+    chosen, trials, searched_again = choose_int8(
+        folder / "model.onnx", digits_splits["images"]["val"], digits_test(digits_splits), best.accuracy,
+        0.0, tmp_path / "next.int8.onnx", remembered=[RECIPES_BY_NAME[worst.recipe], RECIPES_BY_NAME[best.recipe]],
+    )
+    assert not searched_again and [t.recipe for t in trials] == [worst.recipe, best.recipe]
+    assert chosen.recipe == best.recipe and chosen.passed_accuracy_gate and not trials[0].passed_accuracy_gate
 
 
 def test_calibration_takes_a_bounded_sample_balanced_over_the_classes(digits_splits: dict):

@@ -114,9 +114,9 @@ CANDIDATE_RECIPES = tuple(
 # sample is bounded in pixels: 512 images up to 78 px, 62 at 224 px (measured: 64 images at 224 px
 # peak at 1.4 GB with the network's default width).
 CALIBRATION_PIXELS = 3 * 2**20
-# The search scores every recipe on the same test images. Each pass over the split file starts an FFCV
-# loader (~1.5 s, mostly threads and the pipeline, for a few hundred digits), so a split this small is
-# read once into memory (64 MiB: ~20k images at 32 px, ~440 at 224 px); a bigger one is streamed per recipe.
+# The recipes are scored on the same test images. Each pass over the split file starts an FFCV loader
+# (~1.5 s, mostly threads and the pipeline, for a few hundred digits), so a split this small is read
+# once into memory (64 MiB: ~20k images at 32 px, ~440 at 224 px); a bigger one is streamed per recipe.
 SEARCH_TEST_BYTES = 64 * 2**20
 
 
@@ -175,8 +175,11 @@ def machine_signature() -> dict:
 
 
 class RecipeMemory:
-    """The int8 recipe an export search chose, per architecture and machine, in a JSON file beside the
-    exports (`$FLYWHEEL_HOME/export/int8_recipes.json`), written whole and renamed into place."""
+    """The int8 recipes an export search found to keep accuracy, fastest first, per architecture and
+    machine, in a JSON file beside the exports (`$FLYWHEEL_HOME/export/int8_recipes.json`), written
+    whole and renamed into place. The whole ranking is kept: the fastest recipe is often the one at the
+    edge of the accuracy limit (7-bit weights), and new weights can tip it over; the next one is then
+    tried instead of searching all of them again."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -192,13 +195,16 @@ class RecipeMemory:
         except (OSError, ValueError):
             return {}  # none yet, or unreadable: the search runs and writes a good file
 
-    def recall(self, key: str) -> QuantizationRecipe | None:
+    def recall(self, key: str) -> list[QuantizationRecipe]:
         entry = self._entries().get(key)
-        return RECIPES_BY_NAME.get(entry["recipe"]) if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            return []
+        names = entry.get("ranking") or [entry.get("recipe")]  # files of earlier versions kept one recipe
+        return [RECIPES_BY_NAME[name] for name in names if name in RECIPES_BY_NAME]
 
-    def remember(self, key: str, recipe: str) -> None:
+    def remember(self, key: str, ranking: list[str]) -> None:
         entries = self._entries()
-        entries[key] = {"recipe": recipe, "machine": machine_signature(), "searched_at": datetime.now(timezone.utc).isoformat()}
+        entries[key] = {"ranking": ranking, "machine": machine_signature(), "searched_at": datetime.now(timezone.utc).isoformat()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f".{self.path.name}.partial")
         partial.write_text(json.dumps(entries, indent=2, sort_keys=True))
@@ -258,21 +264,23 @@ def _trial(
 def choose_int8(
     fp32_path: Path, calibration_images: np.ndarray, test: TestSet, fp32_accuracy: float,
     max_accuracy_drop: float, path: Path, recipes: tuple[QuantizationRecipe, ...] = CANDIDATE_RECIPES,
-    remembered: QuantizationRecipe | None = None,
+    remembered: list[QuantizationRecipe] | None = None,
 ) -> tuple[RecipeTrial, list[RecipeTrial], bool]:
     """Keep, at `path`, the fastest int8 recipe (batch 64, on this machine) whose test accuracy is
-    within `max_accuracy_drop` of fp32's: the `remembered` one alone when it keeps the accuracy, else
-    the best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
+    within `max_accuracy_drop` of fp32's: the first of the `remembered` ranking that keeps the accuracy,
+    else the best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
     timing_images = test.first_images(64)
+    if timing_images[0].nbytes * len(test.labels) <= SEARCH_TEST_BYTES:
+        test = test.in_memory()
     arguments = (fp32_path, calibration_images, test, timing_images)
-    if remembered is not None:
-        trial, candidate = _trial(*arguments, remembered, fp32_accuracy, max_accuracy_drop, path)
+    tried = []
+    for recipe in remembered or []:
+        trial, candidate = _trial(*arguments, recipe, fp32_accuracy, max_accuracy_drop, path)
+        tried.append(trial)
         if trial.passed_accuracy_gate:
             os.replace(candidate, path)
-            return trial, [trial], False
+            return trial, tried, False
         candidate.unlink(missing_ok=True)
-    if timing_images[0].nbytes * len(test.labels) <= SEARCH_TEST_BYTES:
-        arguments = (fp32_path, calibration_images, test.in_memory(), timing_images)
     results = [_trial(*arguments, recipe, fp32_accuracy, max_accuracy_drop, path) for recipe in recipes]
     passing = [result for result in results if result[0].passed_accuracy_gate]
     # When nothing keeps the accuracy, the most accurate is kept and the export gate says no.
@@ -283,6 +291,11 @@ def choose_int8(
     for _, other in results:
         other.unlink(missing_ok=True)
     return chosen, [trial for trial, _ in results], True
+
+
+def passing_ranking(trials: list[RecipeTrial]) -> list[str]:
+    """The recipes that kept the accuracy, fastest first: what the next export tries, in order."""
+    return [trial.recipe for trial in sorted(trials, key=lambda t: t.latency_ms_batch64) if trial.passed_accuracy_gate]
 
 
 def export_candidate(
@@ -302,7 +315,7 @@ def export_candidate(
         remembered=recipe_memory.recall(key) if recipe_memory else None,
     )
     if recipe_memory and searched and chosen.passed_accuracy_gate:
-        recipe_memory.remember(key, chosen.recipe)
+        recipe_memory.remember(key, passing_ranking(trials))
     int8 = directory / "model.int8.onnx"
     return ExportReport(
         fp32_path=str(fp32),
