@@ -118,6 +118,9 @@ CALIBRATION_PIXELS = 3 * 2**20
 # (~1.5 s, mostly threads and the pipeline, for a few hundred digits), so a split this small is read
 # once into memory (64 MiB: ~20k images at 32 px, ~440 at 224 px); a bigger one is streamed per recipe.
 SEARCH_TEST_BYTES = 64 * 2**20
+# How many remembered recipes an export tries before searching them all again: when the first few all
+# lose accuracy, the weights have changed enough that the ranking no longer says much.
+REMEMBERED_TRIES = 3
 
 
 def calibration_size(requested: int, resolution: int) -> int:
@@ -267,14 +270,14 @@ def choose_int8(
     remembered: list[QuantizationRecipe] | None = None,
 ) -> tuple[RecipeTrial, list[RecipeTrial], bool]:
     """Keep, at `path`, the fastest int8 recipe (batch 64, on this machine) whose test accuracy is
-    within `max_accuracy_drop` of fp32's: the first of the `remembered` ranking that keeps the accuracy,
-    else the best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
+    within `max_accuracy_drop` of fp32's: the first of the `remembered` ranking that keeps the accuracy
+    (of its first REMEMBERED_TRIES), else the best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
     timing_images = test.first_images(64)
     if timing_images[0].nbytes * len(test.labels) <= SEARCH_TEST_BYTES:
         test = test.in_memory()
     arguments = (fp32_path, calibration_images, test, timing_images)
     tried = []
-    for recipe in remembered or []:
+    for recipe in (remembered or [])[:REMEMBERED_TRIES]:
         trial, candidate = _trial(*arguments, recipe, fp32_accuracy, max_accuracy_drop, path)
         tried.append(trial)
         if trial.passed_accuracy_gate:
