@@ -1,8 +1,8 @@
 """Data-loading benchmark: is FFCV worth it, and does data ever starve training?
 
 Side by side in one run, same images (the bundled digits at 32x32, repeated), same batch size and
-worker count, steady-state epochs (FFCV's first epoch pays its JIT compilation and is reported
-apart):
+worker count, steady-state epochs of compiled loaders (FFCV's first epoch pays its JIT compilation
+and is reported apart; bench/loader_compile.py measures when compiling pays):
   - the .beton write modes (raw, jpg, proportion): file size and loader throughput — the choice the
     `ffcv_datasets` asset makes;
   - FFCV Loader vs a torch DataLoader decoding the PNG bytes with PIL (target >= 5x);
@@ -81,8 +81,8 @@ def shards_against_one_file(images: np.ndarray, labels: np.ndarray, shards: int,
         parts = np.array_split(np.arange(len(labels)), shards)
         shards_s, paths = seconds(lambda: [write_beton(root / f"shard-{i}.beton", images[rows], labels[rows]) for i, rows in enumerate(parts)])
         merge_s, merged = seconds(lambda: merge_betons(paths, root / "merged.beton"))
-        _, whole_rate = epochs_per_second(make_loader(whole, batch_size, workers, train=True), epochs, "ffcv one file")
-        _, merged_rate = epochs_per_second(make_loader(merged, batch_size, workers, train=True), epochs, "ffcv merged shards")
+        _, whole_rate = epochs_per_second(make_loader(whole, batch_size, workers, train=True, compile_min_images=0), epochs, "ffcv one file")
+        _, merged_rate = epochs_per_second(make_loader(merged, batch_size, workers, train=True, compile_min_images=0), epochs, "ffcv merged shards")
         tick_s = shards_s / shards + merge_s  # the newest shard is encoded, then the split merged
         return {
             "shards": shards, "whole_write_s": whole_s, "shards_write_s": shards_s, "merge_s": merge_s,
@@ -148,7 +148,7 @@ def main() -> None:
         for mode in ("raw", "jpg", "proportion"):
             path = Path(folder) / f"{mode}.beton"
             write(path, images, labels, mode)
-            loader = make_loader(path, args.batch_size, args.workers, train=True)
+            loader = make_loader(path, args.batch_size, args.workers, train=True, compile_min_images=0)
             first, rate = epochs_per_second(loader, args.epochs, f"ffcv {mode}")
             modes[mode] = {"bytes": path.stat().st_size, "first_epoch_s": first, "images_per_s": rate}
 

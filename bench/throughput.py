@@ -93,6 +93,7 @@ def loader_alone(beton_dir: Path, config: dict, resolution: int, workers: int) -
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = make_loader(
         beton_dir / "train.beton", config["batch_size"], workers, train=True, device=device, augment=recipe, decoder=decoder,
+        compile_min_images=0,
     )
     rate = 0.0
     for _ in range(2):

@@ -37,6 +37,31 @@ def test_merged_shards_read_back_as_their_concatenation(tmp_path: Path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def _compiled(loader) -> bool:
+    """Whether FFCV compiled the loader's pipeline: its stage code calls numba dispatchers, not functions."""
+    from numba.core.registry import CPUDispatcher
+
+    stage = loader.code[0][0][0]
+    operations = [value for name, value in stage.__globals__.items() if name.startswith("code_")]
+    assert operations
+    return all(isinstance(operation, CPUDispatcher) for operation in operations)
+
+
+def test_a_loader_is_compiled_only_when_it_delivers_enough_images_and_loads_the_same_either_way(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), rng.integers(0, 10, 40)
+    path = write_beton(tmp_path / "split.beton", images, labels)
+
+    as_python = make_loader(path, 8, 1, train=False, epochs=5, compile_min_images=201)
+    compiled = make_loader(path, 8, 1, train=False, epochs=5, compile_min_images=200)  # 40 examples x 5 epochs
+
+    assert not _compiled(as_python) and _compiled(compiled)
+    for loader in (as_python, compiled):
+        read = [(x.numpy().copy(), y.numpy().copy()) for x, y in loader]
+        assert np.array_equal(np.concatenate([x for x, _ in read]), images)
+        assert np.array_equal(np.concatenate([y for _, y in read]), labels)
+
+
 def test_shards_of_another_resolution_are_refused_with_both_names(tmp_path: Path):
     small = write_beton(tmp_path / "a.beton", np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]))
     large = write_beton(tmp_path / "b.beton", np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]))

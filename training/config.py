@@ -8,6 +8,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# FFCV compiles a loader's pipeline with numba (3-40 s per loader, per process: nothing of it is
+# cached) and then loads ~25-55 us per image faster than running it as Python on small images, and
+# no faster with random resized crops at 224 px (bench/loader_compile.py). So a loader is compiled
+# only when it will deliver at least this many images (examples x epochs): a tick's training and
+# evaluation on small data skip seconds of compilation; a real dataset's training compiles.
+LOADER_COMPILE_MIN_IMAGES = 100_000
+
+
 class ComputeConfig(BaseModel):
     """Where and how training runs. GPU settings are configuration; the code never assumes one."""
 
@@ -30,6 +38,10 @@ class ComputeConfig(BaseModel):
     num_workers: int | None = Field(
         None, ge=1, description="FFCV loader threads per process. None: the CPU cores the process may use, shared "
         "evenly by the node's training processes (a GPU's loader decodes and augments on them).",
+    )
+    loader_compile_min_images: int = Field(
+        LOADER_COMPILE_MIN_IMAGES, ge=0, description="Compile the training loaders' pipelines with numba only when they "
+        "deliver at least this many images (examples x epochs); 0: always.",
     )
 
 

@@ -35,6 +35,7 @@ finally:
     del numba.typed.Dict  # numba's own again, for everything else
 from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Cutout, RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor
 from ffcv.transforms.color_jitter import RandomBrightness, RandomContrast, RandomSaturation
@@ -43,7 +44,7 @@ from ffcv.types import HeaderType
 from ffcv.utils import align_to_page
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
-from training.config import AugmentConfig
+from training.config import LOADER_COMPILE_MIN_IMAGES, AugmentConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -320,19 +321,29 @@ def make_loader(
     indices: np.ndarray | None = None,
     augment: AugmentConfig | None = None,
     decoder: Operation | None = None,
+    epochs: int = 1,
+    compile_min_images: int = LOADER_COMPILE_MIN_IMAGES,
 ) -> Loader:
-    return Loader(
-        str(path),
-        indices=indices,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        # Evaluation sees every example; training drops a ragged last batch (BatchNorm needs > 1).
-        drop_last=train,
-        distributed=distributed,
-        seed=seed,
-        pipelines={"image": image_pipeline(device, augment, decoder), "label": label_pipeline(device)},
-    )
+    """FFCV's Loader over `path`, its pipeline compiled with numba only when it will deliver at
+    least `compile_min_images` images in `epochs` (see LOADER_COMPILE_MIN_IMAGES); FFCV compiles
+    while building the loader, so the switch is set for that time only."""
+    deliveries = (len(indices) if indices is not None else beton_length(path)) * epochs
+    Compiler.set_enabled(deliveries >= compile_min_images)
+    try:
+        return Loader(
+            str(path),
+            indices=indices,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+            # Evaluation sees every example; training drops a ragged last batch (BatchNorm needs > 1).
+            drop_last=train,
+            distributed=distributed,
+            seed=seed,
+            pipelines={"image": image_pipeline(device, augment, decoder), "label": label_pipeline(device)},
+        )
+    finally:
+        Compiler.set_enabled(True)  # FFCV's default, for code that builds its own loaders
 
 
 def beton_batches(
@@ -364,8 +375,10 @@ class FFCVDataModule(L.LightningDataModule):
     def __init__(
         self, beton_dir: Path, batch_size: int, num_workers: int, seed: int, resolution: int,
         augment: AugmentConfig | None = None, train_indices: np.ndarray | None = None,
+        compile_min_images: int = LOADER_COMPILE_MIN_IMAGES,
     ):
         super().__init__()
+        self.compile_min_images = compile_min_images
         self.beton_dir = Path(beton_dir)
         self.train_indices = train_indices  # rows of train.beton to train on; None: all
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -379,6 +392,10 @@ class FFCVDataModule(L.LightningDataModule):
     def _distributed(self) -> bool:
         return self.trainer is not None and self.trainer.world_size > 1
 
+    def _epochs(self) -> int:
+        """Epochs the loaders serve (Lightning builds each once per fit)."""
+        return max(1, self.trainer.max_epochs) if self.trainer is not None and self.trainer.max_epochs else 1
+
     def _device(self) -> torch.device | None:
         return self.trainer.strategy.root_device if self.trainer is not None else None
 
@@ -386,7 +403,8 @@ class FFCVDataModule(L.LightningDataModule):
         return make_loader(
             self.beton_dir / "train.beton", self.batch_size, self.num_workers, train=True,
             seed=self.seed, distributed=self._distributed(), device=self._device(), indices=self.train_indices,
-            augment=self.augment, decoder=self.crop_decoder,
+            augment=self.augment, decoder=self.crop_decoder, epochs=self._epochs(),
+            compile_min_images=self.compile_min_images,
         )
 
     def val_dataloader(self) -> Loader:
@@ -396,4 +414,7 @@ class FFCVDataModule(L.LightningDataModule):
         indices = None
         if self._distributed():
             indices = np.arange(self.trainer.global_rank, beton_length(path), self.trainer.world_size)
-        return make_loader(path, self.batch_size, self.num_workers, train=False, device=self._device(), indices=indices)
+        return make_loader(
+            path, self.batch_size, self.num_workers, train=False, device=self._device(), indices=indices,
+            epochs=self._epochs(), compile_min_images=self.compile_min_images,
+        )

@@ -80,10 +80,11 @@ def resolve_precision(compute: ComputeConfig) -> str:
 class StepTimer(Callback):
     """Times each training batch's wait for the loader apart from its step (forward, backward and
     optimizer, synchronised on GPUs), from the second batch on: the first pays FFCV's numba
-    compilation, kernel selection and torch.compile, which are warm-up, not training speed. Logs per
-    epoch `throughput/images_per_s` (all processes), `throughput/step_images_per_s` (what the steps
-    alone would do: the ceiling a faster loader could reach) and `throughput/loader_wait_share` (the
-    share of the time spent waiting for data; high means the loader is the bottleneck)."""
+    compilation (where the loader is compiled), kernel selection and torch.compile, which are
+    warm-up, not training speed. Logs per epoch `throughput/images_per_s` (all processes),
+    `throughput/step_images_per_s` (what the steps alone would do: the ceiling a faster loader could
+    reach) and `throughput/loader_wait_share` (the share of the time spent waiting for data; high
+    means the loader is the bottleneck)."""
 
     def __init__(self):
         self.warmup_seconds: float | None = None
@@ -236,6 +237,7 @@ def fit(
     datamodule = FFCVDataModule(
         config.beton_dir, config.optim.batch_size, threads, config.optim.seed,
         config.model.resolution, config.augment, np.load(config.train_indices, allow_pickle=False) if config.train_indices else None,
+        config.compute.loader_compile_min_images,
     )
     config.wandb_save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
