@@ -122,7 +122,7 @@ def main() -> None:
     incremental = settings.incremental()
     optim = settings.optim()
     fine_tune = optim.model_copy(update={
-        "epochs": incremental.epochs or optim.epochs, "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
+        "epochs": incremental.epochs_for(optim.epochs), "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
     })
 
     with tempfile.TemporaryDirectory(prefix="flywheel-incremental-") as tmp:
@@ -136,7 +136,9 @@ def main() -> None:
             "champion (history only)": train("champion", root / "grown", root, optim, rows=history_rows),
         }
         runs[f"full, {args.history} batches"] = train("full-n", root / "grown", root, optim)
-        selection = replay_selection(Path(grown["train"]["index"]), ["new-000"], incremental.replay_ratio, optim.seed)
+        selection = replay_selection(
+            Path(grown["train"]["index"]), ["new-000"], incremental.replay_ratio, optim.seed, incremental.new_passes,
+        )
         runs[f"incremental, {args.history} batches"] = train(
             "incremental-n", root / "grown", root, fine_tune, warm_start=Path(runs["champion (history only)"]["weights_path"]),
             rows=selection.indices,
@@ -179,6 +181,7 @@ def main() -> None:
         "incremental_vs_full_1_history": round(runs[f"incremental, {args.history} batches"]["seconds"] / baseline, 3),
         "full_vs_full_1_history": round(runs[f"full, {args.history} batches"]["seconds"] / baseline, 3),
         "incremental_examples": len(selection.indices), "replay_examples": selection.replay_examples,
+        "new_passes": selection.new_passes,
         "accuracy": overall, "accuracy_gap": round(overall["full"] - overall["incremental"], 4),
         "per_batch": {row["batch"]: {"full": row["full"], "incremental": row["incremental"]} for row in per_batch.to_dicts()},
         "regressed_slices": regressed,

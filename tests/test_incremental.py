@@ -43,6 +43,11 @@ def test_replay_takes_every_new_row_and_a_class_balanced_sample_of_the_history(t
     assert not np.array_equal(replay_selection(index, ["new"], replay_ratio=1.5, seed=1).indices, selection.indices)
     assert replay_selection(index, ["new"], replay_ratio=100, seed=0).replay_examples == 400  # all of a smaller history
     assert set(replay_selection(index, ["new"], replay_ratio=0, seed=0).indices.tolist()) == new_rows
+    # Each new row twice per epoch; the replay sample is sized by the new rows, not by their passes.
+    twice = replay_selection(index, ["new"], replay_ratio=1.5, seed=0, new_passes=2)
+    assert twice.new_passes == 2 and twice.replay_examples == 90 and len(twice.indices) == 2 * 60 + 90
+    assert np.array_equal(np.unique(twice.indices), selection.indices)
+    assert (np.bincount(twice.indices.astype(np.int64))[sorted(new_rows)] == 2).all()
 
 
 def test_the_policy_fine_tunes_only_a_champion_of_this_code_and_not_on_schedule():

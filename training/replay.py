@@ -12,19 +12,23 @@ import polars as pl
 class ReplaySelection:
     """The rows of a split's file an incremental retraining trains on."""
 
-    indices: np.ndarray  # sorted rows of the split's file
+    indices: np.ndarray  # sorted rows of the split's file; each new row `new_passes` times
     new_examples: int  # rows of the new batches: all of them
+    new_passes: int  # times each new row is in `indices`: seen that often per epoch
     replay_examples: int  # rows sampled from the history
     history_examples: int  # rows the sample was drawn from
     replay_per_class: dict[int, int]
 
 
-def replay_selection(index_path: Path, new_batches: list[str], replay_ratio: float, seed: int) -> ReplaySelection:
+def replay_selection(
+    index_path: Path, new_batches: list[str], replay_ratio: float, seed: int, new_passes: int = 1,
+) -> ReplaySelection:
     """Every row of `new_batches` in the split described by `index_path` (`<split>.index.parquet`,
-    row for row with its `.beton`), and a class-balanced sample of the other rows, `replay_ratio`
-    times as many (all of them when the history is smaller). Each class gets an equal share of the
-    sample; a class with fewer rows than its share gives the rest to the others, so rare classes
-    are replayed whole rather than drowned by common ones. Reads two columns of the index, not images."""
+    row for row with its `.beton`), `new_passes` times each, and a class-balanced sample of the
+    other rows, `replay_ratio` times as many as there are new rows (all of them when the history is
+    smaller). Each class gets an equal share of the sample; a class with fewer rows than its share
+    gives the rest to the others, so rare classes are replayed whole rather than drowned by common
+    ones. Reads two columns of the index, not images."""
     index = pl.read_parquet(index_path, columns=["batch_id", "label"]).with_row_index("row")
     is_new = pl.col("batch_id").is_in(new_batches)
     new_rows = index.filter(is_new)["row"].to_numpy()
@@ -39,7 +43,7 @@ def replay_selection(index_path: Path, new_batches: list[str], replay_ratio: flo
         remaining -= share
     replay = np.concatenate(list(taken.values())) if taken else new_rows[:0]
     return ReplaySelection(
-        indices=np.sort(np.concatenate([new_rows, replay])).astype(np.uint64), new_examples=len(new_rows),
-        replay_examples=len(replay), history_examples=history.height,
+        indices=np.sort(np.concatenate([*[new_rows] * new_passes, replay])).astype(np.uint64),
+        new_examples=len(new_rows), new_passes=new_passes, replay_examples=len(replay), history_examples=history.height,
         replay_per_class={label: len(rows) for label, rows in sorted(taken.items())},
     )

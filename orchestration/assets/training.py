@@ -83,6 +83,7 @@ class TrainingConfig(dg.Config):
     incremental_epochs: int | None = INCREMENTAL_FIELDS["epochs"]
     incremental_learning_rate_scale: float = INCREMENTAL_FIELDS["learning_rate_scale"]
     replay_ratio: float = INCREMENTAL_FIELDS["replay_ratio"]
+    new_passes: int = INCREMENTAL_FIELDS["new_passes"]
     use_tuned: bool = Field(
         True, description="Take the values of the best trial of the latest tune run (tuned_hyperparameters) for the "
         "fields it searched, when it tuned this backbone and start; off: these settings as they are.",
@@ -99,7 +100,8 @@ class TrainingConfig(dg.Config):
 
     def incremental(self) -> IncrementalConfig:
         return IncrementalConfig(
-            epochs=self.incremental_epochs, learning_rate_scale=self.incremental_learning_rate_scale, replay_ratio=self.replay_ratio,
+            epochs=self.incremental_epochs, learning_rate_scale=self.incremental_learning_rate_scale,
+            replay_ratio=self.replay_ratio, new_passes=self.new_passes,
         )
 
     # Checked here too, so a wrong value in flywheel.yaml is the settings file's one-line error.
@@ -160,10 +162,11 @@ def training_plan(config: TrainingConfig, champion: ModelVersion | None, model: 
     new = [batch for batch in train["batches"] if batch not in seen]
     if not new:
         return TrainingPlan("full", f"the champion {champion.version} trained on every batch of the training split")
-    selection = replay_selection(Path(train["index"]), new, config.replay_ratio, config.seed)
+    selection = replay_selection(Path(train["index"]), new, config.replay_ratio, config.seed, config.new_passes)
     return TrainingPlan("incremental", (
         f"fine-tunes the champion {champion.version} on {selection.new_examples} training examples of {len(new)} new "
-        f"batch(es) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}) and {selection.replay_examples} replayed of "
+        f"batch(es) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}), {selection.new_passes}x per epoch, "
+        f"and {selection.replay_examples} replayed of "
         f"its {selection.history_examples}, class-balanced"
     ), selection)
 
@@ -183,7 +186,7 @@ def fit_config(
     if plan is not None and plan.selection is not None:
         incremental = config.incremental()
         optim = optim.model_copy(update={
-            "epochs": incremental.epochs or optim.epochs, "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
+            "epochs": incremental.epochs_for(optim.epochs), "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
         })
     payload = {
         "model": model.model_dump(mode="json"),
@@ -313,8 +316,8 @@ def trained_model(
         **reported, "val_accuracy": accuracy_text(result["val_accuracy"], ffcv_datasets["splits"]["val"]["examples"]),
         **tuned_metadata, "attempt": run_dir.name, "training_batches": len(value["training_batches"]),
         "mode": plan.mode, "mode_reason": plan.reason,
-        "trained_examples": selection.new_examples + selection.replay_examples if selection else ffcv_datasets["splits"]["train"]["examples"],
-        **({"new_examples": selection.new_examples, "replay_examples": selection.replay_examples} if selection else {}),
+        "trained_examples": selection.new_examples * selection.new_passes + selection.replay_examples if selection else ffcv_datasets["splits"]["train"]["examples"],
+        **({"new_examples": selection.new_examples, "new_passes": selection.new_passes, "replay_examples": selection.replay_examples} if selection else {}),
     }))
 
 
