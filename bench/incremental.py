@@ -121,9 +121,7 @@ def main() -> None:
     settings = TrainingConfig(epochs=args.epochs)
     incremental = settings.incremental()
     optim = settings.optim()
-    fine_tune = optim.model_copy(update={
-        "epochs": incremental.epochs_for(optim.epochs), "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
-    })
+    fine_tune = incremental.fine_tune(optim)
 
     with tempfile.TemporaryDirectory(prefix="flywheel-incremental-") as tmp:
         root = Path(tmp)

@@ -199,9 +199,11 @@ class IncrementalConfig(BaseModel):
         2, ge=1, description="Times each new example is seen per epoch: the new batch weighs more against the replay.",
     )
 
-    def epochs_for(self, training_epochs: int) -> int:
-        """Its epochs, given the full training's: never more than those (a short configured training stays short)."""
-        return min(self.epochs, training_epochs) if self.epochs else training_epochs
+    def fine_tune(self, training: OptimConfig) -> OptimConfig:
+        """The training's optimisation at this rate scale, for these epochs but never more than the
+        training's own (a short configured training stays short)."""
+        epochs = min(self.epochs, training.epochs) if self.epochs else training.epochs
+        return training.model_copy(update={"epochs": epochs, "learning_rate": training.learning_rate * self.learning_rate_scale})
 
 
 # Named augmentation recipes; a run's own settings override a recipe's.

@@ -184,10 +184,7 @@ def fit_config(
         raise dg.Failure(description=missing_weights_message(model.backbone, model.pretrained))
     optim = config.optim()
     if plan is not None and plan.selection is not None:
-        incremental = config.incremental()
-        optim = optim.model_copy(update={
-            "epochs": incremental.epochs_for(optim.epochs), "learning_rate": optim.learning_rate * incremental.learning_rate_scale,
-        })
+        optim = config.incremental().fine_tune(optim)
     payload = {
         "model": model.model_dump(mode="json"),
         "optim": optim.model_dump(),
@@ -316,7 +313,7 @@ def trained_model(
         **reported, "val_accuracy": accuracy_text(result["val_accuracy"], ffcv_datasets["splits"]["val"]["examples"]),
         **tuned_metadata, "attempt": run_dir.name, "training_batches": len(value["training_batches"]),
         "mode": plan.mode, "mode_reason": plan.reason,
-        "trained_examples": selection.new_examples * selection.new_passes + selection.replay_examples if selection else ffcv_datasets["splits"]["train"]["examples"],
+        "trained_examples": len(selection.indices) if selection else ffcv_datasets["splits"]["train"]["examples"],
         **({"new_examples": selection.new_examples, "new_passes": selection.new_passes, "replay_examples": selection.replay_examples} if selection else {}),
     }))
 
