@@ -43,9 +43,14 @@ def prepare_champion(home: Path) -> None:
         assert defs.resolve_job_def("ingest").execute_in_process(instance=instance, partition_key=path.stem).success
     assert defs.resolve_job_def("transform").execute_in_process(instance=instance).success
     # The UI needs a champion, fast: 60 steps on ~210 images are too few for augmentation to pay off
-    # (with the default shifts the first model scored 0.857 against the 0.9 floor).
+    # (with the default shifts the first model scored 0.857 against the 0.9 floor). This test is about
+    # the UI, not the gate: the floor admits this first model whatever it scores on ~56 test images
+    # (without shifts it scored 0.893 once; the gate is tested in tests/test_gate.py and test_loop.py).
     retrain = defs.resolve_job_def("retrain").execute_in_process(
-        instance=instance, run_config={"ops": {"trained_model": {"config": {**FAST_TRAINING, "recipe": "none"}}}}
+        instance=instance, run_config={"ops": {
+            "trained_model": {"config": {**FAST_TRAINING, "recipe": "none"}},
+            "model_evaluation": {"config": {"absolute_floor": 0.0}},
+        }},
     )
     assert retrain.success
 
