@@ -100,3 +100,47 @@ def test_the_trainer_reads_only_the_rows_an_incremental_retraining_chose(digits_
     chosen = {hashlib.sha1(images[row].tobytes()).hexdigest() for row in rows}
     assert len(seen) == 128  # 150 rows in full batches of 32
     assert set(seen) <= chosen
+
+
+def test_distillation_pulls_toward_the_champion_only_where_it_was_right(tmp_path: Path):
+    import pytest
+    import torch
+    import torch.nn.functional as F
+    from pydantic import ValidationError
+
+    from training.backbones import build_network
+    from training.config import FitConfig, ModelConfig, OptimConfig
+    from training.fit import distillation_teacher
+    from training.model import LitClassifier
+
+    config = ModelConfig(width=8, resolution=8)
+    optim = OptimConfig(distillation=1.0, distillation_temperature=2.0)
+    teacher = build_network(config)
+    student = LitClassifier(config.model_dump(mode="json"), optim.model_dump(), teacher=teacher)
+    assert "teacher" not in dict(student.named_modules()) and not any(k.startswith("teacher") for k in student.state_dict())
+    images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
+    teacher_logits = teacher(images)
+    right = teacher_logits.argmax(dim=1)
+    labels = torch.cat([right[:3], (right[3:] + 1) % 10])  # the teacher is right on the first three only
+
+    # The champion itself has nothing to learn from itself.
+    student.net.load_state_dict(teacher.state_dict())
+    student.net.eval()
+    assert student.distillation_loss(images, labels, student(images)).item() == pytest.approx(0.0, abs=1e-6)
+    # Elsewhere: Hinton's T^2-scaled KL on the rows the teacher got right, averaged over the batch.
+    logits = torch.randn(6, 10)
+    expected = sum(
+        F.kl_div(F.log_softmax(logits[row] / 2, dim=0), F.softmax(teacher_logits[row] / 2, dim=0), reduction="sum") for row in range(3)
+    ) * 4 / 6
+    assert student.distillation_loss(images, labels, logits).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert student.distillation_loss(images, (right + 1) % 10, logits).item() == 0.0
+
+    # It distils the warm start: none, or one whose head does not fit these classes, is no teacher.
+    with pytest.raises(ValidationError, match="needs warm_start"):
+        FitConfig(beton_dir=tmp_path, run_dir=tmp_path, wandb_save_dir=tmp_path, optim=optim)
+    messages = []
+    fit_config = FitConfig(beton_dir=tmp_path, run_dir=tmp_path, wandb_save_dir=tmp_path, optim=optim, model=config, warm_start=tmp_path / "w")
+    assert distillation_teacher(fit_config, teacher.state_dict(), messages.append) is not None
+    grown = fit_config.model_copy(update={"model": config.model_copy(update={"num_classes": 11})})
+    assert distillation_teacher(grown, teacher.state_dict(), messages.append) is None
+    assert messages and messages[0].startswith("no distillation: head.") and "do not fit this network" in messages[0]

@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from training.config import RESULT_FILE, ComputeConfig, FitConfig
 from training.data import FFCVDataModule, loader_threads
 from training.distributed_run import entry_config
-from training.backbones import load_pretrained
+from training.backbones import build_network, load_pretrained
 from training.model import FreezeBackbone, LitClassifier, ProgressiveResizing
 from training.inference import load_weights
 from training.tracking import wandb_mode
@@ -181,6 +181,19 @@ def warm_start(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> li
     return sorted(set(own) - set(shared))
 
 
+def distillation_teacher(config: FitConfig, start_weights: dict[str, torch.Tensor] | None, log) -> torch.nn.Module | None:
+    """The warm start's network, whose predictions the training distils (`optim.distillation`); None
+    when distillation is off or the warm start does not fit this network whole (a head grown for new
+    classes has no teacher logits for them)."""
+    if not config.optim.distillation or start_weights is None:
+        return None
+    teacher = build_network(config.model)
+    if unfit := warm_start(teacher, start_weights):
+        log(f"no distillation: {', '.join(unfit)} of {config.warm_start} do not fit this network")
+        return None
+    return teacher
+
+
 def ema_weight_averaging(decay: float) -> WeightAveraging:
     """Lightning's weight averaging with an exponential moving average whose decay warms up, as timm's
     ModelEmaV3 does: min(decay, (1 + n) / (10 + n)) after n updates. A fixed 0.999 averages over ~1,000
@@ -222,15 +235,16 @@ def fit(
     compiled = on_gpus(config.compute) if config.compute.compile is None else config.compute.compile
     if on_gpus(config.compute):
         torch.set_float32_matmul_precision("high")  # TF32 for what runs in float32 beside bf16 autocast
+    start_weights = load_weights(config.warm_start) if config.warm_start else None
     model = LitClassifier(
         config.model.model_dump(mode="json"), config.optim.model_dump(), compile=compiled,
-        label_smoothing=config.augment.label_smoothing,
+        label_smoothing=config.augment.label_smoothing, teacher=distillation_teacher(config, start_weights, log),
     )
     if config.model.pretrained and not resumed_from:
         dropped = load_pretrained(model.net, config.model.pretrained, config.model.backbone)
         log(f"pretrained weights from {config.model.pretrained}; the head replaces {', '.join(dropped) or 'no classifier'}")
-    if config.warm_start and not resumed_from:
-        fresh = warm_start(model.net, load_weights(config.warm_start))
+    if start_weights is not None and not resumed_from:
+        fresh = warm_start(model.net, start_weights)
         if fresh:
             log(f"warm start from {config.warm_start}: {', '.join(fresh)} start fresh (their shape changed, e.g. a head grown for new classes)")
     threads = loader_threads(config.compute.num_workers)

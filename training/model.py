@@ -15,10 +15,12 @@ from training.config import ModelConfig, OptimConfig
 
 
 class LitClassifier(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, compile: bool = False, label_smoothing: float = 0.0):
+    def __init__(
+        self, model: dict, optim: dict, compile: bool = False, label_smoothing: float = 0.0, teacher: torch.nn.Module | None = None,
+    ):
         super().__init__()
         # Plain dicts, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["teacher"])
         self.model_config = ModelConfig.model_validate(model)
         self.optim_config = OptimConfig.model_validate(optim)
         self.label_smoothing = label_smoothing
@@ -28,14 +30,38 @@ class LitClassifier(L.LightningModule):
         self.train_accuracy = MulticlassAccuracy(self.model_config.num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(self.model_config.num_classes, average="micro")
         self.val_loss = MeanMetric()  # weighted by batch size and summed across ranks: exact under DDP
+        # Not a submodule: never trained, checkpointed, averaged or put in train mode (its BatchNorm
+        # statistics stay the champion's); a resumed attempt rebuilds it from the same weights file.
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False) if teacher is not None else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def distillation_loss(self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Hinton's soft-target loss toward the teacher, on the examples the teacher classifies right:
+        elsewhere (a drifted batch it gets wrong) the labels alone teach. Averaged over the whole batch."""
+        temperature = self.optim_config.distillation_temperature
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        right = teacher_logits.argmax(dim=1) == labels
+        divergence = F.kl_div(
+            F.log_softmax(logits[right] / temperature, dim=1), F.log_softmax(teacher_logits[right] / temperature, dim=1),
+            reduction="sum", log_target=True,
+        )
+        return divergence * temperature**2 / len(labels)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if self.teacher is not None:
+            distillation = self.distillation_loss(images, labels, logits)
+            self.log("train/distillation_loss", distillation, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + self.optim_config.distillation * distillation
         self.train_accuracy(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)

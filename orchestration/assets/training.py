@@ -84,6 +84,7 @@ class TrainingConfig(dg.Config):
     incremental_learning_rate_scale: float = INCREMENTAL_FIELDS["learning_rate_scale"]
     replay_ratio: float = INCREMENTAL_FIELDS["replay_ratio"]
     new_passes: int = INCREMENTAL_FIELDS["new_passes"]
+    incremental_distillation: float = INCREMENTAL_FIELDS["distillation"]
     use_tuned: bool = Field(
         True, description="Take the values of the best trial of the latest tune run (tuned_hyperparameters) for the "
         "fields it searched, when it tuned this backbone and start; off: these settings as they are.",
@@ -101,7 +102,7 @@ class TrainingConfig(dg.Config):
     def incremental(self) -> IncrementalConfig:
         return IncrementalConfig(
             epochs=self.incremental_epochs, learning_rate_scale=self.incremental_learning_rate_scale,
-            replay_ratio=self.replay_ratio, new_passes=self.new_passes,
+            replay_ratio=self.replay_ratio, new_passes=self.new_passes, distillation=self.incremental_distillation,
         )
 
     # Checked here too, so a wrong value in flywheel.yaml is the settings file's one-line error.
@@ -168,6 +169,7 @@ def training_plan(config: TrainingConfig, champion: ModelVersion | None, model: 
         f"batch(es) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}), {selection.new_passes}x per epoch, "
         f"and {selection.replay_examples} replayed of "
         f"its {selection.history_examples}, class-balanced"
+        + (f", distilling its predictions where they are right (weight {config.incremental_distillation:g})" if config.incremental_distillation else "")
     ), selection)
 
 
@@ -314,7 +316,8 @@ def trained_model(
         **tuned_metadata, "attempt": run_dir.name, "training_batches": len(value["training_batches"]),
         "mode": plan.mode, "mode_reason": plan.reason,
         "trained_examples": len(selection.indices) if selection else ffcv_datasets["splits"]["train"]["examples"],
-        **({"new_examples": selection.new_examples, "new_passes": selection.new_passes, "replay_examples": selection.replay_examples} if selection else {}),
+        **({"new_examples": selection.new_examples, "new_passes": selection.new_passes, "replay_examples": selection.replay_examples,
+            "distillation": fit.optim.distillation} if selection else {}),
     }))
 
 
