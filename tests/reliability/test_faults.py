@@ -19,7 +19,8 @@ from orchestration.instance import latest_materialization
 from tests.reliability.conftest import TRAINING_SETTINGS, WANDB_SECRET, Flywheel, kill_when
 from training.registry import Registry
 
-pytestmark = pytest.mark.e2e
+# pytest's own limit above the tests' hang guards (kill_when's 900 s, then a whole tick).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_training_worker_killed_mid_epoch(flywheel: Flywheel):
     registry = registry_of(flywheel)
     checkpoints = flywheel.root / "checkpoints"
     tick = flywheel.start(*flywheel.tick_args())
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # a hang guard (see kill_when)
     checkpointed = new_attempt_checkpointed(checkpoints, set())
     while not checkpointed():
         assert tick.poll() is None and time.monotonic() < deadline, "training never wrote its first checkpoint"

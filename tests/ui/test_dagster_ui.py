@@ -67,7 +67,7 @@ def dagster_dev(home: Path, monkeypatch: pytest.MonkeyPatch):
         cwd=REPO, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 360  # hang guards: another test file runs beside this one
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"{url}/server_info", timeout=2)
@@ -133,7 +133,7 @@ def test_the_ui_shows_the_graph_launches_a_run_and_shows_the_champion(dagster_de
         # The daemon dequeues the run and launches it; follow it in the instance the UI reads.
         instance = dg.DagsterInstance.get()
         launched = None
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480
         while launched is None or launched.dagster_run.status not in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE):
             assert time.monotonic() < deadline, f"the launched run did not finish in time: {launched and launched.dagster_run.status}"
             time.sleep(2)
