@@ -16,7 +16,7 @@ and compares the two N-batch candidates on the test split: overall, per batch, a
 per-slice test (exact McNemar per batch and class, Holm-adjusted) of incremental against full.
 Prints a table, then one JSON line.
 
-    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16] [--test-size 200]
+    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16] [--test-size 200] [--distillation 1.0]
 """
 
 import argparse
@@ -117,8 +117,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=150, help="images per batch")
     parser.add_argument("--epochs", type=int, default=OptimConfig().epochs, help="epochs of a full retraining")
     parser.add_argument("--test-size", type=int, default=200, help="test images per batch beyond its 15%% split")
+    parser.add_argument("--distillation", type=float, default=None, help="incremental_distillation (default: trained_model's)")
     args = parser.parse_args()
-    settings = TrainingConfig(epochs=args.epochs)
+    settings = TrainingConfig(epochs=args.epochs, **({} if args.distillation is None else {"incremental_distillation": args.distillation}))
     incremental = settings.incremental()
     optim = settings.optim()
     fine_tune = incremental.fine_tune(optim)
@@ -179,7 +180,7 @@ def main() -> None:
         "incremental_vs_full_1_history": round(runs[f"incremental, {args.history} batches"]["seconds"] / baseline, 3),
         "full_vs_full_1_history": round(runs[f"full, {args.history} batches"]["seconds"] / baseline, 3),
         "incremental_examples": len(selection.indices), "replay_examples": selection.replay_examples,
-        "new_passes": selection.new_passes,
+        "new_passes": selection.new_passes, "distillation": incremental.distillation,
         "accuracy": overall, "accuracy_gap": round(overall["full"] - overall["incremental"], 4),
         "per_batch": {row["batch"]: {"full": row["full"], "incremental": row["incremental"]} for row in per_batch.to_dicts()},
         "regressed_slices": regressed,
