@@ -16,7 +16,7 @@ and compares the two N-batch candidates on the test split: overall, per batch, a
 per-slice test (exact McNemar per batch and class, Holm-adjusted) of incremental against full.
 Prints a table, then one JSON line.
 
-    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16] [--test-size 200] [--distillation 1.0]
+    .venv/bin/python bench/incremental.py [--history 20] [--batch-size 150] [--epochs 16] [--test-size 200] [--distillation 0.5]
 """
 
 import argparse

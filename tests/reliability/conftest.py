@@ -85,8 +85,8 @@ def read_output(process: subprocess.Popen) -> tuple[str, str]:
 
 def kill_when(process: subprocess.Popen, condition, timeout: float = 900, what: str = "") -> None:
     """SIGKILL `process` as soon as `condition()` holds (polled every 20 ms). `timeout` is a hang guard,
-    not a speed limit: under `make test` another test file runs beside this one, and a tick then takes
-    up to ~3x its time alone (300 s was passed once, on the way to a drifted batch's export)."""
+    not a speed limit: under `make test` another test file runs beside this one, and a loop test then took
+    up to ~2.4x its time alone (300 s was passed once, on the way to a drifted batch's export)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
