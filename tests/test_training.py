@@ -198,3 +198,17 @@ def test_early_stopping_ends_a_run_whose_validation_accuracy_stopped_improving(d
         optim=OptimConfig(epochs=20, batch_size=100, learning_rate=1e-12, schedule="constant", early_stopping_patience=2),
     ))
     assert result.epochs_completed == 3  # the first epoch sets the best; two more without improvement stop it
+
+
+def test_a_training_set_smaller_than_a_batch_trains_in_one_batch_and_a_too_small_one_says_so(digits_splits: dict, tmp_path: Path):
+    """Training drops a ragged last batch: a batch larger than the data would train on nothing and leave no checkpoint."""
+    from training.data import FFCVDataModule
+
+    module = FFCVDataModule(digits_splits["dir"], batch_size=64, num_workers=1, seed=0, resolution=32, train_indices=np.arange(10, dtype=np.uint64))
+    assert module._train_batch_size(digits_splits["dir"] / "train.beton") == 10
+    assert module.train_dataloader().batch_size == 10 and len(module.train_dataloader()) == 1
+    module.train_indices = None
+    assert module._train_batch_size(digits_splits["dir"] / "train.beton") == 64  # 400 examples: the configured size
+    module.train_indices = np.arange(1, dtype=np.uint64)
+    with pytest.raises(ValueError, match=r"train.beton: 1 training examples for 1 process\(es\); each needs at least 2"):
+        module.train_dataloader()

@@ -399,9 +399,20 @@ class FFCVDataModule(L.LightningDataModule):
     def _device(self) -> torch.device | None:
         return self.trainer.strategy.root_device if self.trainer is not None else None
 
+    def _train_batch_size(self, path: Path) -> int:
+        """The configured batch size, or a rank's share of a training set smaller than one batch per rank
+        (training drops a ragged last batch, so a batch larger than the data would train on nothing)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        examples = len(self.train_indices) if self.train_indices is not None else beton_length(path)
+        if examples // world_size < 2:
+            raise ValueError(f"{path}: {examples} training examples for {world_size} process(es); each needs at least 2 "
+                             "(BatchNorm): land more labeled images")
+        return min(self.batch_size, examples // world_size)
+
     def train_dataloader(self) -> Loader:
+        path = self.beton_dir / "train.beton"
         return make_loader(
-            self.beton_dir / "train.beton", self.batch_size, self.num_workers, train=True,
+            path, self._train_batch_size(path), self.num_workers, train=True,
             seed=self.seed, distributed=self._distributed(), device=self._device(), indices=self.train_indices,
             augment=self.augment, decoder=self.crop_decoder, epochs=self._epochs(),
             compile_min_images=self.compile_min_images,
