@@ -1,4 +1,4 @@
-"""`flywheel`: land images or simulate landing batches, run one tick of the loop, tune, predict with the champion, show status.
+"""`flywheel`: land images or simulate landing batches, import labels, run one tick of the loop, tune, predict with the champion, show status.
 
 Errors a user can cause end with a one-line message and exit code 2, never only a traceback.
 """
@@ -200,6 +200,26 @@ def cmd_rollback(args: argparse.Namespace) -> None:
     print(f"W&B: alias `champion` moved to {after.version} (run {run}; offline runs: `wandb sync {flywheel.root / 'wandb'}`)")
 
 
+def cmd_labels_import(args: argparse.Namespace) -> None:
+    from transforms.labels import LabelStudioExportError, label_studio_labels
+    from transforms.landing import check_batch_id
+
+    source = Path(args.export)
+    try:
+        labels, problems = label_studio_labels(source)
+        name = check_batch_id(args.name or source.stem)
+    except (LabelStudioExportError, ValueError) as error:
+        raise UserError(str(error)) from None
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    target = _flywheel().labels / f"{name}.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    labels.write_parquet(partial)
+    partial.replace(target)  # whole or not at all: the landing sensor may read it at any moment
+    print(f"wrote {labels.height} label(s) to {target}; {len(problems)} task(s) skipped; the next tick loads them")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from flywheel.summary import print_status
 
@@ -259,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="make the previous champion (or --to VERSION) the champion again")
     rollback.add_argument("--to", help="the version to restore, e.g. v0003 (default: the one the champion replaced)")
     rollback.set_defaults(handler=cmd_rollback)
+
+    labels = commands.add_parser("labels", help="labels for images already landed")
+    labels_commands = labels.add_subparsers(dest="labels_command", required=True)
+    label_import = labels_commands.add_parser(
+        "import", help="turn a Label Studio JSON export of a labeling queue into a label file in landing/labels/",
+    )
+    label_import.add_argument("export", help="the JSON file Label Studio exported (Export -> JSON)")
+    label_import.add_argument("--name", help="label file name under landing/labels/ (default: the export's name)")
+    label_import.set_defaults(handler=cmd_labels_import)
 
     status = commands.add_parser("status", help="the champion, its lineage, the versions and the drift history")
     status.set_defaults(handler=cmd_status)

@@ -51,9 +51,16 @@ def _drift_rows(reports: list[dict]) -> list[dict]:
             "embedding p": round(r["embedding"]["p_value"], 3),
             "drift": "DRIFT" if r["drifted"] else "-",
             "champion accuracy": "unlabeled" if r["champion_accuracy"] is None else f"{r['champion_accuracy']:.3f}",
+            "estimated before labels": _estimate_text(r.get("estimated_accuracy")),  # reports before estimates have none
+            "estimate error": "-" if not r.get("estimate_check") else
+            f"{100 * r['estimate_check']['error']:+.1f} pts{'' if r['estimate_check']['covered'] else ' (outside)'}",
         }
         for r in reports
     ]
+
+
+def _estimate_text(estimate: dict | None) -> str:
+    return "-" if not estimate else f"{estimate['accuracy']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
 
 
 def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:

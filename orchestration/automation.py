@@ -43,7 +43,7 @@ transform_on_ingestion = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=30,
     default_status=SENSOR_STATUS,
     description="Requests a drift report for every batch ingested (and transformed by dbt) that the champion did "
-    "not train on, whose latest report is older than its ingestion or was made against another champion.",
+    "not train on, whose latest report is older than its ingestion or its late labels, or was made against another champion.",
 )
 def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHome) -> dg.SensorResult | dg.SkipReason:
     champion = Registry(flywheel.registry).champion()
@@ -54,6 +54,13 @@ def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHom
     # champion's training, instead of the whole history.
     trained_on = set(champion.card().lineage.training_batches)
     transformed_at = latest_timestamp(context.instance, "batch_image_stats")
+    # Late labels: a batch they label is reported again once dbt has taken them in, so its accuracy
+    # estimated before labels meets the accuracy they show (and the policy sees the real accuracy).
+    labels = latest_materialization(context.instance, "raw_labels")
+    labels_at, late_labeled = 0.0, set()
+    if labels and labels.timestamp <= transformed_at:
+        labels_at = labels.timestamp
+        late_labeled = set(labels.asset_materialization.metadata.get("labeled_batches", dg.MetadataValue.json([])).value)
     run_config = run_settings(flywheel, monitor_job.name)
     requests = []
     for batch_id in context.instance.get_dynamic_partitions("batches"):
@@ -64,9 +71,11 @@ def monitoring_sensor(context: dg.SensorEvaluationContext, flywheel: FlywheelHom
             continue
         report = latest_materialization(context.instance, "drift_report", batch_id)
         against = report.asset_materialization.metadata.get("champion") if report else None
-        if report is None or report.timestamp < ingested_at or against is None or against.value != champion.version:
+        relabeled = batch_id in late_labeled and report is not None and report.timestamp < labels_at
+        if report is None or report.timestamp < ingested_at or against is None or against.value != champion.version or relabeled:
             requests.append(dg.RunRequest(
-                partition_key=batch_id, run_key=f"monitor-{batch_id}-{ingested_at}-{champion.version}",
+                partition_key=batch_id,
+                run_key=f"monitor-{batch_id}-{ingested_at}-{champion.version}" + (f"-labels-{labels_at}" if relabeled else ""),
                 run_config=run_config,
             ))
     return dg.SensorResult(run_requests=requests)

@@ -6,6 +6,7 @@ from orchestration.assets.datasets import ffcv_datasets
 from orchestration.assets.deployment import champion_model, exported_model
 from orchestration.assets.evaluation import model_evaluation
 from orchestration.assets.ingestion import ingest_batch, raw_labels
+from orchestration.assets.labeling import labeling_queue
 from orchestration.assets.monitoring import drift_report
 from orchestration.assets.training import trained_model, tuned_hyperparameters
 from orchestration.assets.transformation import dbt_models, dbt_resource
@@ -37,6 +38,7 @@ defs = dg.Definitions(
         exported_model,
         champion_model,
         drift_report,
+        labeling_queue,
     ],
     asset_checks=[evaluation_gate, export_gate, served_model_gate, freshness_checks],
     jobs=[ingest_job, labels_job, transform_job, retrain_job, tune_job, monitor_job, full_loop_job, freshness_job],

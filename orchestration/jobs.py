@@ -42,9 +42,9 @@ tune_job = dg.define_asset_job(
 
 monitor_job = dg.define_asset_job(
     "monitor",
-    selection=dg.AssetSelection.assets("drift_report"),
+    selection=dg.AssetSelection.assets("drift_report", "labeling_queue"),
     partitions_def=batch_partitions,
-    description="Drift report of one batch against the champion's training data.",
+    description="Drift report of one batch against the champion's training data, and its labeling queue.",
 )
 
 full_loop_job = dg.define_asset_job(

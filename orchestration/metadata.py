@@ -88,8 +88,9 @@ def code_version() -> str:
 
 
 def drift_over_time_png(reports: list[dict], path: Path) -> Path:
-    """Per batch, in capture order: share of drifted image statistics, embedding-drift p-value and the
-    champion's accuracy on the batch's labels."""
+    """Per batch, in capture order: share of drifted image statistics, embedding-drift p-value, the
+    champion's accuracy on the batch's labels and its accuracy estimated before them, with its interval:
+    where both show, the estimate's error over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +104,13 @@ def drift_over_time_png(reports: list[dict], path: Path) -> Path:
     bottom.plot(batches, [r["embedding"]["p_value"] for r in reports], marker="o", label="embedding MMD p-value")
     bottom.plot(batches, [r["champion_accuracy"] if r["champion_accuracy"] is not None else float("nan") for r in reports],
                 marker="s", label="champion accuracy on labels")
+    # Reports from before accuracy estimates have none.
+    estimates = [r.get("estimated_accuracy") or {"accuracy": float("nan"), "low": float("nan"), "high": float("nan")} for r in reports]
+    middle = np.array([e["accuracy"] for e in estimates])
+    bottom.errorbar(
+        batches, middle, yerr=[middle - [e["low"] for e in estimates], [e["high"] for e in estimates] - middle],
+        fmt="^", capsize=3, color="tab:green", label="estimated accuracy before labels (95% interval)",
+    )
     bottom.set(ylim=(0, 1.05))
     bottom.legend(fontsize=7, loc="lower left")
     bottom.tick_params(axis="x", labelrotation=45, labelsize=7)
@@ -113,6 +121,18 @@ def drift_over_time_png(reports: list[dict], path: Path) -> Path:
     return path
 
 
+def _tiles(images: np.ndarray) -> np.ndarray:
+    """Up to 16 images (uint8 NHWC) as one square grid."""
+    images = images[:16]
+    side = max(1, int(np.ceil(np.sqrt(len(images)))))
+    height, width = images.shape[1:3]
+    grid = np.full((side * (height + 2), side * (width + 2), 3), 255, np.uint8)
+    for position, image in enumerate(images):
+        row, column = divmod(position, side)
+        grid[row * (height + 2):row * (height + 2) + height, column * (width + 2):column * (width + 2) + width] = image
+    return grid
+
+
 def sample_grid_png(batch: np.ndarray, reference: np.ndarray, path: Path, batch_id: str, reference_name: str) -> Path:
     """Up to 16 images of the batch beside up to 16 of the reference, as the model sees them
     (uint8 NHWC, served preprocessing): what drifted, to look at rather than read."""
@@ -121,21 +141,34 @@ def sample_grid_png(batch: np.ndarray, reference: np.ndarray, path: Path, batch_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def tiles(images: np.ndarray) -> np.ndarray:
-        images = images[:16]
-        side = max(1, int(np.ceil(np.sqrt(len(images)))))
-        height, width = images.shape[1:3]
-        grid = np.full((side * (height + 2), side * (width + 2), 3), 255, np.uint8)
-        for position, image in enumerate(images):
-            row, column = divmod(position, side)
-            grid[row * (height + 2):row * (height + 2) + height, column * (width + 2):column * (width + 2) + width] = image
-        return grid
-
     figure, axes = plt.subplots(1, 2, figsize=(7, 3.8), dpi=100)
     for axis, images, title in ((axes[0], batch, f"batch {batch_id}"), (axes[1], reference, reference_name)):
-        axis.imshow(tiles(images), interpolation="nearest")
+        axis.imshow(_tiles(images), interpolation="nearest")
         axis.set_title(f"{title} ({min(len(images), 16)} images)", fontsize=9)
         axis.axis("off")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def image_grid_png(images: np.ndarray, captions: list[str], path: Path, title: str) -> Path:
+    """Up to 16 images (uint8 NHWC) in a 4-column grid, each with its caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(16, len(images))
+    rows = max(1, int(np.ceil(count / 4)))
+    figure, axes = plt.subplots(rows, 4, figsize=(7, 1.9 * rows + 0.4), dpi=100, squeeze=False)
+    for position, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if position < count:
+            axis.imshow(images[position], interpolation="nearest")
+            axis.set_title(captions[position], fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -3,7 +3,7 @@ schedule apply it, and `flywheel run` evaluates those very sensors.
 
 Retrain when there is no champion; when a batch the champion has not trained on drifted; when the
 champion's accuracy on a batch's labels is significantly more than `accuracy_margin` below its test
-accuracy (`accuracy_drop`); or when the schedule is due. Drift and accuracy are answered by an
+accuracy (`accuracy_drop`); when its accuracy estimated before labels is (`estimated_drop`, opt-in); or when the schedule is due. Drift and accuracy are answered by an
 incremental retraining (the champion fine-tuned on what it has not seen and a replay sample), the
 schedule, new code and a first model by a full one (`training_mode`). Freshness (`freshness`): the
 champion must not grow stale while newer labeled data waits, nor labeled data wait unused too long.
@@ -52,6 +52,11 @@ class RetrainingPolicy(BaseModel):
     accuracy_significance: float = Field(
         0.05, gt=0, lt=1, description="...and the fall beyond the margin is significant at this level (one-sided test of two "
         "proportions: the batch's labeled images against the test split), so a small batch needs a larger fall.",
+    )
+    estimated_accuracy_margin: float | None = Field(
+        None, ge=0, le=1, description="Retrain when the champion's accuracy on an unlabeled batch, estimated from its calibrated "
+        "confidences (the drift report's estimate before labels), is below its test accuracy by more than this, the whole "
+        "interval below; off (null) by default: the estimate misses under covariate shift, where drift already answers.",
     )
     incremental: bool = Field(
         True, description="Answer drift and accuracy falls by fine-tuning the champion on the batches it has not trained on "
@@ -122,6 +127,22 @@ def accuracy_drop(report: dict, card: ModelCard, policy: RetrainingPolicy) -> Ac
     )
 
 
+def estimated_drop(report: dict, card: ModelCard, policy: RetrainingPolicy) -> str | None:
+    """Why an unlabeled batch's estimated accuracy asks for a retraining, or None: only when the policy
+    acts on estimates, and only before labels (once they come, `accuracy_drop` judges)."""
+    estimate = report.get("estimated_accuracy")  # reports before estimates have none
+    if policy.estimated_accuracy_margin is None or estimate is None or report["labeled_rows"]:
+        return None
+    floor = card.metrics.test_accuracy_int8 - policy.estimated_accuracy_margin
+    if estimate["high"] >= floor:
+        return None
+    return (
+        f"champion accuracy on unlabeled batch {report['batch_id']} is estimated at {estimate['accuracy']:.3f} "
+        f"(interval {estimate['low']:.3f}-{estimate['high']:.3f}, {estimate['images']} images), below its test accuracy "
+        f"{card.metrics.test_accuracy_int8:.3f} - margin {policy.estimated_accuracy_margin:.2f}"
+    )
+
+
 @dataclass(frozen=True)
 class RetrainingDecision:
     retrain: bool
@@ -163,6 +184,8 @@ def decide(
         drop = accuracy_drop(report, champion_card, policy)
         if drop is not None and drop.fell:
             reasons.append(drop.describe(batch))
+        if (estimated := estimated_drop(report, champion_card, policy)) is not None:
+            reasons.append(estimated)
     if schedule_due:
         reasons.append("the retraining schedule is due")
     return RetrainingDecision(bool(reasons), reasons, scheduled=schedule_due)

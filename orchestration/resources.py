@@ -91,6 +91,11 @@ class FlywheelHome(dg.ConfigurableResource):
         return self.root / "reports"
 
     @property
+    def labeling(self) -> Path:
+        """The labeling queues, one folder per batch (`labeling_queue`): Label Studio's local-files root."""
+        return self.root / "labeling"
+
+    @property
     def settings(self) -> Path:
         return Path(self.settings_file) if self.settings_file else self.root / "flywheel.yaml"
 

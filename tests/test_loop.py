@@ -1,10 +1,13 @@
 """The continuous-learning loop end to end, driven by the sensors (Dagster's sensor test utilities
-on a real instance): clean batches -> v1; a clean batch -> no retraining; a drifted labeled batch
--> drift detected -> retraining -> v2 passes the gate and beats v1 on held-out drifted images."""
+on a real instance): clean batches -> v1; a clean unlabeled batch -> no retraining, its accuracy
+estimated before labels and checked when they land late; a drifted labeled batch -> drift detected
+-> retraining -> v2 passes the gate and beats v1 on held-out drifted images."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -12,6 +15,7 @@ import yaml
 
 from orchestration.automation import drift_sensor, monitoring_sensor
 from orchestration.definitions import defs
+from flywheel.cli import main
 from orchestration.sensors import landing_sensor
 from tests.conftest import FAST_TRAINING
 from training.inference import onnx_session, predict_onnx
@@ -93,13 +97,55 @@ def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path):
     assert loop.tick(monitoring_sensor) == []
     assert loop.tick(drift_sensor) == []
 
-    # A clean batch the champion has never seen: no false alarm.
-    clean, _ = simulate_batches(home / "landing", SimulationSpec(batches=1, batch_size=150, pool="main", offset=400, prefix="clean", seed=2))
-    age(clean)
+    # The served model's temperature, fitted on the validation split, is in the card.
+    calibration = registry.champion().card().calibration
+    assert calibration is not None and 0.05 < calibration.temperature < 20 and calibration.ece_after <= calibration.ece_before + 0.01
+
+    # A clean batch the champion has never seen, landed unlabeled: no false alarm, and its accuracy
+    # estimated before labels.
+    (labeled_clean,), _ = simulate_batches(home / "unlabeled", SimulationSpec(batches=1, batch_size=150, pool="main", offset=400, prefix="clean", seed=2))
+    truth = pl.read_parquet(labeled_clean)
+    truth.with_columns(pl.lit(None, pl.Int64).alias("label")).write_parquet(home / "landing" / "clean-000.parquet")
+    age([home / "landing" / "clean-000.parquet"])
     assert loop.land_and_process() == ["clean-000"]
     report = pl.read_json(home / "values" / "drift_report" / "clean-000.json").to_dicts()[0]
     assert report["drifted"] is False, report
+    assert report["champion_accuracy"] is None and report["estimate_check"] is None
+    assert report["estimated_accuracy"]["images"] == 150 and 0.8 < report["estimated_accuracy"]["accuracy"] <= 1
     assert loop.tick(drift_sensor) == []
+
+    # Its labeling queue: the budget's worth of its unlabeled images, as Label Studio tasks.
+    tasks = json.loads((home / "labeling" / "clean-000" / "tasks.json").read_text())
+    assert len(tasks) == 50 and {t["data"]["image_id"] for t in tasks} <= set(truth["image_id"])
+    # A labeler answers the queue in Label Studio; its export comes back through `flywheel labels import`.
+    truth_of = dict(zip(truth["image_id"], truth["label"]))
+    export = [task | {"annotations": [{"was_cancelled": False, "result": [{
+        "from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(truth_of[task["data"]["image_id"]])]},
+    }]}]} for task in tasks]
+    (home / "export.json").write_text(json.dumps(export))
+    main(["labels", "import", str(home / "export.json"), "--name", "queue-clean-000"])
+    # ...and the rest of the batch's labels arrive late too, as a plain label file.
+    queued = {t["data"]["image_id"] for t in tasks}
+    truth.filter(~pl.col("image_id").is_in(queued)).select("image_id", "label").write_parquet(home / "landing" / "labels" / "clean-000.parquet")
+    age(list((home / "landing" / "labels").glob("*.parquet")))
+    loop.execute(loop.tick(landing_sensor), "load_labels")
+    loop.execute([dg.RunRequest()], "transform")
+    monitors = loop.tick(monitoring_sensor)
+    assert [r.partition_key for r in monitors] == ["clean-000"]
+    loop.execute(monitors, "monitor")
+    report = pl.read_json(home / "values" / "drift_report" / "clean-000.json").to_dicts()[0]
+    check = report["estimate_check"]
+    assert check["images"] == 150 and check["real"] == report["champion_accuracy"]
+    assert abs(check["error"]) < 0.1, check  # a clean batch: the calibrated confidences are close
+    metadata = loop.instance.get_latest_materialization_event(dg.AssetKey("drift_report")).asset_materialization.metadata
+    assert "points on 150 labeled images" in metadata["estimate_error"].value
+    assert loop.tick(monitoring_sensor) == []  # answered once
+    assert loop.tick(drift_sensor) == []
+    # The queued images' labels reached the warehouse through the label file, and nothing is left to queue.
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as connection:
+        sources = dict(connection.execute("SELECT image_id, label_source FROM int_images WHERE batch_id = 'clean-000'").fetchall())
+    assert {sources[image_id] for image_id in queued} == {"label_file"}
+    assert json.loads((home / "labeling" / "clean-000" / "tasks.json").read_text()) == []
 
     # A drifted, labeled batch: inverted polarity, digits no earlier batch contained.
     drifted, _ = simulate_batches(home / "landing", SimulationSpec(batches=1, batch_size=250, pool="holdout", drift="invert", prefix="invert"))

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from training.calibration import Calibration
 from training.config import AugmentConfig, ModelConfig, OptimConfig
 from training.gate import GateDecision
 from training.results import ExportGatePolicy, ExportReport, Metrics, RecipeTrial
@@ -106,6 +107,9 @@ class ModelCard(BaseModel, frozen=True):
     augment: AugmentConfig | None = None  # the training recipe (cards before recipes have none)
     optim: OptimConfig | None = None  # the optimisation settings, tuned ones included (older cards have none)
     metrics: CardMetrics
+    # The served (int8) model's temperature on the validation split, for accuracy estimates before labels
+    # (cards from before it have none: no estimate).
+    calibration: Calibration | None = None
     export: ExportSummary
     gates: CardGates
     lineage: Lineage
@@ -120,7 +124,7 @@ class ModelCard(BaseModel, frozen=True):
 def build_card(
     model: ModelConfig, class_names: list[str], resize: str, mode: str, candidate: Metrics, val_accuracy: float, report: ExportReport, export_settings: ExportGatePolicy,
     evaluation_gate: GateDecision, export_gate: GateVerdict, served_ece: float, served_gate: GateDecision,
-    lineage: Lineage, augment: AugmentConfig, optim: OptimConfig | None,
+    lineage: Lineage, augment: AugmentConfig, optim: OptimConfig | None, calibration: Calibration | None = None,
 ) -> ModelCard:
     """The card of a candidate exported to ONNX: what it is, how it scored, and what the gates said."""
     return ModelCard(
@@ -130,6 +134,7 @@ def build_card(
         model=model,
         augment=augment,
         optim=optim,
+        calibration=calibration,
         metrics=CardMetrics(
             test_accuracy=candidate.accuracy,
             test_macro_f1=candidate.macro_f1,

@@ -75,6 +75,9 @@ def log_monitoring(report: dict, save_dir: Path, images: dict[str, Path] | None 
             "drift/embedding_p_value": report["embedding"]["p_value"],
             "drift/prediction_statistic": report["predictions"]["statistic"],
             **({"champion/accuracy_on_labels": report["champion_accuracy"]} if report["champion_accuracy"] is not None else {}),
+            **({f"champion/estimated_accuracy{suffix}": report["estimated_accuracy"][key] for key, suffix in
+                (("accuracy", ""), ("low", "_low"), ("high", "_high"))} if report.get("estimated_accuracy") else {}),
+            **({"champion/estimate_error": report["estimate_check"]["error"]} if report.get("estimate_check") else {}),
             **{f"features/{f['feature']}": f["statistic"] for f in report["features"]},
             **{key: wandb.Image(str(path), caption=f"batch {report['batch_id']}") for key, path in (images or {}).items()},
         })

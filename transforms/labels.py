@@ -93,3 +93,36 @@ def read_label_files(folder: Path, stored_classes: list[str], configured_classes
         if frames else pl.DataFrame(schema=LABELS_SCHEMA)
     )
     return LabelSet(labels.cast(LABELS_SCHEMA), pl.DataFrame(problems, schema=QUARANTINE_SCHEMA), len(files), classes)
+
+
+class LabelStudioExportError(ValueError):
+    """A Label Studio export that cannot be read at all (one line, naming the file)."""
+
+
+def label_studio_labels(path: Path) -> tuple[pl.DataFrame, list[str]]:
+    """`image_id`, `label` (a class name) from a Label Studio JSON export of the labeling queue's tasks:
+    each task's latest annotation that was not cancelled, with one choice. Tasks without one are left
+    for later; tasks that cannot be read are listed as problems (`<file>: task N: why`)."""
+    import json
+
+    try:
+        tasks = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LabelStudioExportError(f"{path}: not a readable Label Studio JSON export ({error})") from None
+    if not isinstance(tasks, list):
+        raise LabelStudioExportError(f"{path}: a Label Studio JSON export is a list of tasks, got {type(tasks).__name__}")
+    rows, problems = [], []
+    for number, task in enumerate(tasks, start=1):
+        image_id = task.get("data", {}).get("image_id") if isinstance(task, dict) else None
+        if not isinstance(image_id, str):
+            problems.append(f"{path}: task {number}: no data.image_id (tasks come from flywheel's labeling queue)")
+            continue
+        done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+        choices = [r["value"]["choices"] for r in (done[-1].get("result") or []) if r.get("type") == "choices"] if done else []
+        if not done:
+            continue  # not labeled yet
+        if len(choices) != 1 or len(choices[0]) != 1:
+            problems.append(f"{path}: task {number} (image_id {image_id}): expected one chosen class, got {choices}")
+            continue
+        rows.append({"image_id": image_id, "label": str(choices[0][0])})
+    return pl.DataFrame(rows, schema={"image_id": pl.Utf8, "label": pl.Utf8}), problems

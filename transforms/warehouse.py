@@ -355,6 +355,13 @@ def replace_labels(connection: duckdb.DuckDBPyConnection, labels: LabelSet) -> i
     return labels.labels.height
 
 
+def late_labeled_batches(connection: duckdb.DuckDBPyConnection) -> list[str]:
+    """The batches whose images the late label files label."""
+    return [row[0] for row in connection.execute(
+        "SELECT DISTINCT batch_id FROM raw_images JOIN raw_labels USING (image_id) ORDER BY batch_id"
+    ).fetchall()]
+
+
 # Decoded images: a whole array in memory, or read a few at a time from the image store's cache.
 Pixels = np.ndarray | PackPixels | GatheredPixels
 
@@ -416,9 +423,12 @@ SHARD_INDEX = (
     "FROM training_examples AS e JOIN raw_images AS r USING (image_id) "
     "WHERE e.split = $split AND e.batch_id = $batch ORDER BY r.image_pack, r.image_row"
 )
+# A late label wins over the label the image landed with, as in int_images (monitoring runs on batches
+# dbt may not have reached yet, so it reads the raw tables).
 BATCH_INDEX = (
-    "SELECT image_id, batch_id, label, image_pack, image_row FROM raw_images "
-    "WHERE batch_id = $key ORDER BY image_pack, image_row"
+    "SELECT r.image_id, r.batch_id, coalesce(l.label, r.label) AS label, r.image_pack, r.image_row "
+    "FROM raw_images AS r LEFT JOIN raw_labels AS l USING (image_id) "
+    "WHERE r.batch_id = $key ORDER BY r.image_pack, r.image_row"
 )
 PACK_LOCATIONS = "SELECT image_pack, image_row, content_hash FROM raw_images WHERE image_pack = $pack ORDER BY image_row"
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import polars as pl
 from pydantic import Field
 
@@ -25,6 +26,10 @@ class ExportConfig(dg.Config):
     calibration_images: int = Field(
         512, ge=16, description="int8 calibration sample: at most this many validation images, balanced over the classes "
         "(fewer at high resolutions: training.export.CALIBRATION_PIXELS bounds its memory).",
+    )
+    temperature_images: int = Field(
+        5000, ge=100, description="The served model's temperature (accuracy estimates before labels) is fitted on at most "
+        "this many validation images, a uniform random sample (streamed: only their logits are kept).",
     )
 
     def policy(self) -> ExportGatePolicy:
@@ -79,6 +84,9 @@ def exported_model(
             "fp32_test_accuracy": accuracy_text(card.metrics.test_accuracy_onnx_fp32, card.metrics.test_examples),
             "int8_test_accuracy": accuracy_text(card.metrics.test_accuracy_int8, card.metrics.test_examples),
             "parity_max_abs_diff": export.parity_max_abs_diff,
+            "int8_temperature": card.calibration.temperature if card.calibration else "none",
+            "int8_validation_ece": (f"{card.calibration.ece_before:.4f} -> {card.calibration.ece_after:.4f} after temperature scaling"
+                                    if card.calibration else "none"),
             "int8_recipe": export.int8_recipe,
             "int8_recipe_source": "searched over every recipe" if export.int8_recipe_searched else "remembered for this architecture and machine",
             "int8_recipe_trials": markdown_table(trials),
@@ -95,7 +103,8 @@ def _export_and_publish(
     context: dg.AssetExecutionContext, config: ExportConfig, registry: Registry, int8_recipes: Path,
     fingerprint: str, ffcv_datasets: dict, trained_model: dict, model_evaluation: dict,
 ) -> ModelVersion:
-    from training.data import read_beton
+    from training.calibration import calibrate
+    from training.data import beton_batches, read_beton
     from training.evaluate import TestSet, evaluate_models
     from training.export import RecipeMemory, calibration_indices, calibration_size, export_candidate, export_gate
     from training.inference import load_classifier, onnx_session, predict_onnx
@@ -125,6 +134,13 @@ def _export_and_publish(
         (lambda images: predict_onnx(champion_session, images)) if champion_session else None,
         model_config.num_classes, GatePolicy.model_validate(model_evaluation["gate_policy"]), "int8",
     )
+    # Uniform, not class-balanced: the estimate's confidences must match accuracy as classes come.
+    sample = np.sort(np.random.default_rng(0).permutation(len(validation_labels))[:config.temperature_images])
+    calibration = calibrate(lambda images: predict_onnx(served_session, images), beton_batches(Path(validation["path"]), indices=sample))
+    context.log.info(
+        f"served model's temperature {calibration.temperature:.3f} on {calibration.validation_images} validation images: "
+        f"ECE {calibration.ece_before:.4f} -> {calibration.ece_after:.4f}"
+    )
     shutil.copyfile(trained_model["weights_path"], staging / WEIGHTS_FILE)
     card = build_card(
         model_config, ffcv_datasets["classes"], ffcv_datasets["resize"], ffcv_datasets["mode"],
@@ -133,6 +149,7 @@ def _export_and_publish(
         export_gate=GateVerdict(passed=passed, reasons=reasons),
         served_ece=served.candidate.ece,
         served_gate=served.gate,
+        calibration=calibration,
         augment=AugmentConfig.model_validate(trained_model["augment"]),
         optim=OptimConfig.model_validate(trained_model["optim"]) if "optim" in trained_model else None,
         lineage=Lineage(

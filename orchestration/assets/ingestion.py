@@ -119,6 +119,7 @@ def raw_labels(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.
         except (ClassesError, SettingsError) as error:
             raise dg.Failure(description=str(error), allow_retries=False) from None
         stored = warehouse.replace_labels(connection, label_set)
+        batches = warehouse.late_labeled_batches(connection)
     for message in label_set.quarantined["message"].head(20):
         context.log.warning(message)
     return dg.MaterializeResult(
@@ -129,5 +130,7 @@ def raw_labels(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.
             "dagster/row_count": stored,
             "folder": dg.MetadataValue.path(str(flywheel.labels)),
             "files_signature": signature,
+            # The monitoring sensor reports these batches again: their estimate meets their labels.
+            "labeled_batches": dg.MetadataValue.json(batches),
         }
     )

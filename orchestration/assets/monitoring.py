@@ -13,6 +13,7 @@ from orchestration.metadata import accuracy_text, drift_over_time_png, markdown_
 from orchestration.policy import accuracy_drop
 from orchestration.partitions import batch_partitions
 from orchestration.resources import FlywheelHome
+from training.calibration import estimate_accuracy, estimate_error
 from training.card import ModelCard
 from transforms.images import served_preprocessing
 from training.registry import ModelVersion, Registry
@@ -89,8 +90,9 @@ def drift_report(
         ).images[:16]
         embeddings, _ = embed_and_predict(network, records.images)
         # What is served is the int8 file: its predictions are the ones that count.
-        predictions = predict_onnx(champion.inference_session(), records.images).argmax(axis=1)
+        logits = predict_onnx(champion.inference_session(), records.images)
         index = records.index
+    predictions = logits.argmax(axis=1)
     features = dataset_drift(reference_stats, current_stats, list(DRIFT_FEATURES), policy)
     embedding = embedding_drift(reference_embeddings, embeddings, config.embedding_p_value)
     classes = prediction_drift(reference_predictions, predictions, card.model.num_classes, policy)
@@ -98,6 +100,13 @@ def drift_report(
     labels = index["label"].fill_null(-1).to_numpy()
     champion_accuracy = float((predictions[labeled] == labels[labeled]).mean()) if labeled.any() else None
     drifted = features.dataset_drift or embedding.drifted
+    # Accuracy before labels, from the served model's calibrated confidences; where labels exist, the
+    # same estimate on the labeled rows is checked against the accuracy they show.
+    estimate = estimate_accuracy(logits, card.calibration) if card.calibration else None
+    estimate_check = (
+        estimate_error(estimate_accuracy(logits[labeled], card.calibration), champion_accuracy)
+        if card.calibration and labeled.any() else None
+    )
 
     value = {
         "batch_id": batch_id,
@@ -110,6 +119,8 @@ def drift_report(
         "labeled_rows": int(labeled.sum()),
         "champion_accuracy": champion_accuracy,
         "champion_test_accuracy": card.metrics.test_accuracy_int8,
+        "estimated_accuracy": estimate.to_dict() if estimate else None,
+        "estimate_check": estimate_check,
     }
     drop = accuracy_drop(value, card, flywheel.project.retraining)
     value["accuracy_drop_p_value"] = drop.p_value if drop else None
@@ -123,7 +134,7 @@ def drift_report(
     context.log.info(
         f"batch {batch_id}: {'DRIFT' if drifted else 'no drift'} — {100 * features.drifted_share:.0f}% of image "
         f"statistics drifted, embedding MMD p={embedding.p_value:.3f}, prediction {classes.method}={classes.statistic:.3g}; "
-        f"champion accuracy on its labels: {champion_accuracy}"
+        f"champion accuracy on its labels: {champion_accuracy}; estimated before labels: {estimate.text() if estimate else 'no calibration'}"
     )
     yield dg.Output(
         value,
@@ -137,6 +148,12 @@ def drift_report(
             "champion": champion.version,
             "champion_accuracy": accuracy_text(champion_accuracy, int(labeled.sum())) if champion_accuracy is not None else "unlabeled",
             "labeled_rows": int(labeled.sum()),
+            "estimated_accuracy": estimate.text() if estimate else "no calibration in the champion's card",
+            "estimate_error": (
+                f"{100 * estimate_check['error']:+.1f} points on {estimate_check['images']} labeled images "
+                f"(interval {'covers' if estimate_check['covered'] else 'misses'} the real accuracy)"
+                if estimate_check else "no labels yet"
+            ),
             "accuracy_drop_p_value": drop.p_value if drop else float("nan"),
             "current_rows": features.current_rows,
             "reference_rows": features.reference_rows,
