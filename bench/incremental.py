@@ -23,10 +23,7 @@ Prints a table, then one JSON line.
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +33,14 @@ from PIL import Image
 
 from orchestration.assets.evaluation import GateConfig
 from orchestration.assets.training import TrainingConfig
-from training.config import FitConfig, ModelConfig, OptimConfig, RECIPES
+from training.config import ModelConfig, OptimConfig
 from training.data import build_datasets, read_beton
 from training.gate import compare_slices
 from training.inference import load_classifier, predict_torch
 from training.replay import replay_selection
 from transforms.simulate import digits_pool
+
+from fit_process import train  # bench/, beside this script
 
 RESOLUTION = 32
 
@@ -93,28 +92,6 @@ def build(folder: Path, history: int, batch_size: int, test_size: int = 0) -> di
     return build_datasets(folder, "bench", digests, lambda split, batch_id: splits[(split, batch_id)]).manifest
 
 
-def train(name: str, beton_dir: Path, root: Path, optim: OptimConfig, warm_start: Path | None = None, rows: np.ndarray | None = None) -> dict:
-    """One training in its own process, as the asset launches it; its wall time and result."""
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    indices = None
-    if rows is not None:
-        indices = run_dir / "train_rows.npy"
-        np.save(indices, rows)
-    config = FitConfig(
-        beton_dir=beton_dir, run_dir=run_dir, wandb_save_dir=root, run_name=f"bench-{name}",
-        model=ModelConfig(num_classes=10, resolution=RESOLUTION), optim=optim, augment=RECIPES["small_images"],
-        warm_start=warm_start, train_indices=indices,
-    )
-    (run_dir / "fit_config.json").write_text(config.model_dump_json())
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "training.fit", str(run_dir / "fit_config.json")], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"bench/incremental.py: training {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 1), **json.loads((run_dir / "result.json").read_text())}
-
-
 def compare(root: Path, young: dict, grown: dict, args: argparse.Namespace, optim: OptimConfig, fine_tune: OptimConfig,
             incremental, seed: int) -> dict:
     """The four trainings with training seed `seed` on the same shards, and the two N-batch candidates compared."""
@@ -124,20 +101,20 @@ def compare(root: Path, young: dict, grown: dict, args: argparse.Namespace, opti
     train_index = pl.read_parquet(grown["train"]["index"])
     history_rows = np.flatnonzero((train_index["batch_id"] != "new-000").to_numpy()).astype(np.uint64)
     full_n, incremental_n = f"full, {args.history} batches", f"incremental, {args.history} batches"
+    model = ModelConfig(num_classes=10, resolution=RESOLUTION)
     runs = {
-        "full, 1 batch of history": train("full-1", root.parent / "young", root, optim),
-        "champion (history only)": train("champion", root.parent / "grown", root, optim, rows=history_rows),
+        "full, 1 batch of history": train("full-1", root.parent / "young", root, model, optim),
+        "champion (history only)": train("champion", root.parent / "grown", root, model, optim, rows=history_rows),
     }
-    runs[full_n] = train("full-n", root.parent / "grown", root, optim)
+    runs[full_n] = train("full-n", root.parent / "grown", root, model, optim)
     selection = replay_selection(Path(grown["train"]["index"]), ["new-000"], incremental.replay_ratio, seed, incremental.new_passes)
     runs[incremental_n] = train(
-        "incremental-n", root.parent / "grown", root, fine_tune, warm_start=Path(runs["champion (history only)"]["weights_path"]),
+        "incremental-n", root.parent / "grown", root, model, fine_tune, warm_start=Path(runs["champion (history only)"]["weights_path"]),
         rows=selection.indices,
     )
 
     images, labels = read_beton(root.parent / "grown" / "test.beton")
     batches = pl.read_parquet(grown["test"]["index"])["batch_id"].to_numpy()
-    model = ModelConfig(num_classes=10, resolution=RESOLUTION)
     predictions = {
         mode: predict_torch(load_classifier(Path(runs[name]["weights_path"]), model), images).argmax(axis=1)
         for mode, name in (("full", full_n), ("incremental", incremental_n))

@@ -69,3 +69,16 @@ def test_the_policy_acts_on_an_estimated_drop_only_when_asked_and_only_before_la
     assert not decide(card(), [estimated("b", 0.90, 0.86, 0.94)], acting).retrain
     # Labels came: the real accuracy judges, not the estimate.
     assert not decide(card(), [fallen | {"champion_accuracy": 0.97, "labeled_rows": 150}], acting).retrain
+
+
+def test_an_error_free_validation_split_does_not_claim_certainty():
+    """Eighty validation images, all right: the likelihood alone would sharpen without end (the 1/20
+    bound); the prior holds the temperature, and the interval keeps the split's own doubt."""
+    rng = np.random.default_rng(3)
+    logits, labels = draw(rng, 2000, temperature=1.0)
+    right = np.flatnonzero(logits.argmax(axis=1) == labels)[:80]
+    calibration = fit_temperature(logits[right], labels[right])
+    unregularised = fit_temperature(logits[right], labels[right], prior_scale=1e6)
+    assert unregularised.temperature < 0.06 and calibration.temperature > 0.1
+    estimate = estimate_accuracy(logits[:100], calibration)
+    assert estimate.high - estimate.low > 0.05
