@@ -1,8 +1,9 @@
 """Is the labeling queue worth its labels? The queue's picks against random picks at equal label budgets.
 
 Per seed: a champion trained on a small labeled start (300 clean digits of the main pool, 240 to train
-on, 60 to validate); the rest of the main pool, rotated (a new domain: 0.5-1 x `--strength` x 90
-degrees), is the unlabeled pool; the holdout pool, rotated the same way, gives 100 validation and 260
+on, 60 to validate); the rest of the main pool, rotated by 0.5-1 x `--strength` x 90 degrees (0.3:
+13-27 degrees, where the champion is right about three times in four; 0.7, 31-63 degrees, is a new
+domain where it is right one time in five), is the unlabeled pool; the holdout pool, rotated the same way, gives 100 validation and 260
 test images. For each budget, `training.active.select_for_labeling` (the labeling queue's pick: the
 champion's temperature-scaled margins, balanced over predicted classes, farthest-first in its
 embedding space) and a uniform random pick each label that many pool images; a full training on the
@@ -14,7 +15,7 @@ same (the queue's curve interpolated on log budgets), at the accuracy random rea
 budget, on the seeds' mean curves; target >= 1.5x. Also the accuracy gained per label over the
 champion, queue against random, per budget. Prints a table, then one JSON line.
 
-    .venv/bin/python bench/active.py [--seeds 3] [--budgets 50 100 200] [--strength 0.7]
+    .venv/bin/python bench/active.py [--seeds 3] [--budgets 25 50 100] [--strength 0.3]
 """
 
 import argparse
@@ -27,7 +28,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from training.active import select_for_labeling
+from training.active import queue_for_labeling
 from training.calibration import fit_temperature
 from training.config import ModelConfig, OptimConfig
 from training.data import build_datasets, read_beton
@@ -82,7 +83,7 @@ def build(folder: Path, seed: int, strength: float) -> dict:
     return build_datasets(folder, "bench", digests, lambda split, batch_id: shards[(split, batch_id)]).manifest
 
 
-def run_seed(root: Path, seed: int, budgets: list[int], strength: float, select=select_for_labeling) -> list[dict]:
+def run_seed(root: Path, seed: int, budgets: list[int], strength: float) -> list[dict]:
     folder = root / f"seed-{seed}"
     manifest = build(folder / "data", seed, strength)
     model, optim = ModelConfig(num_classes=10, resolution=RESOLUTION), OptimConfig(seed=seed)
@@ -96,19 +97,25 @@ def run_seed(root: Path, seed: int, budgets: list[int], strength: float, select=
     test_images, test_labels = read_beton(folder / "data" / "test.beton")
     pool_images = train_images[pool_rows]
     calibration = fit_temperature(predict_torch(network, val_images), val_labels)
-    logits = predict_torch(network, pool_images) / calibration.temperature
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    predicted = predict_torch(network, pool_images).argmax(axis=1)
+
+    def queue(budget: int) -> np.ndarray:
+        """The labeling queue's pick, as the asset makes it (fp32 here: no export in this benchmark)."""
+        selection, _ = queue_for_labeling(
+            len(pool_images), lambda rows: pool_images[rows], lambda images: predict_torch(network, images),
+            lambda images: embed_and_predict(network, images)[0], calibration.temperature, budget,
+        )
+        return selection.rows
 
     def accuracy(weights: str) -> float:
         return float((predict_torch(load_classifier(Path(weights), model), test_images).argmax(axis=1) == test_labels).mean())
 
     results = [{"seed": seed, "method": "champion", "labels": 0, "accuracy": accuracy(champion["weights_path"]),
-                "pool accuracy": float((logits.argmax(axis=1) == train_labels[pool_rows]).mean())}]
+                "pool accuracy": float((predicted == train_labels[pool_rows]).mean())}]
     rng = np.random.default_rng(seed + 1000)
     for budget in budgets:
         picks = {
-            "queue": select(probabilities, lambda rows: embed_and_predict(network, pool_images[rows])[0], budget).rows,
+            "queue": queue(budget),
             "random": rng.choice(len(pool_rows), budget, replace=False),
         }
         for method, chosen in picks.items():
@@ -116,7 +123,7 @@ def run_seed(root: Path, seed: int, budgets: list[int], strength: float, select=
             trained = train(f"{method}-{budget}", folder / "data", folder, model, optim, rows=rows)
             results.append({
                 "seed": seed, "method": method, "labels": budget, "accuracy": accuracy(trained["weights_path"]),
-                "pool accuracy": float((logits[chosen].argmax(axis=1) == train_labels[pool_rows][chosen]).mean()),
+                "pool accuracy": float((predicted[chosen] == train_labels[pool_rows][chosen]).mean()),
                 "classes": int(len(np.unique(train_labels[pool_rows][chosen]))),
             })
     return results
@@ -135,8 +142,8 @@ def labels_needed(budgets: list[int], accuracies: list[float], target: float) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200])
-    parser.add_argument("--strength", type=float, default=0.7, help="rotation strength of the new domain (0-1)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--strength", type=float, default=0.3, help="rotation strength of the drifted pool (0-1)")
     args = parser.parse_args()
     budgets = sorted(args.budgets)
     with tempfile.TemporaryDirectory(prefix="flywheel-active-") as tmp:

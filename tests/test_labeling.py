@@ -134,3 +134,25 @@ def test_a_label_studio_export_comes_back_as_a_label_file(tmp_path: Path, monkey
     with pytest.raises(SystemExit) as exit_info:
         main(["labels", "import", str(tmp_path / "broken.json")])
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"flywheel labels: {tmp_path / 'broken.json'}: not a readable")
+
+
+def test_the_queue_scores_a_batch_a_chunk_at_a_time_and_reads_only_the_candidates_again():
+    from scipy.special import softmax
+
+    from training.active import queue_for_labeling
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (1300, 5))
+    reads: list[int] = []
+
+    def images_of(rows: np.ndarray) -> np.ndarray:
+        reads.append(len(rows))
+        return rows[:, None].astype(float)  # an "image" is its row number: logits_of looks it up
+
+    selection, probabilities = queue_for_labeling(
+        1300, images_of, lambda images: logits[images[:, 0].astype(int)], lambda images: np.hstack([images, images ** 2]),
+        temperature=2.0, budget=20, chunk=512,
+    )
+    assert reads == [512, 512, 276, 80]  # three chunks of scoring, then the 4 x 20 candidates once
+    np.testing.assert_allclose(probabilities, softmax(logits / 2.0, axis=1))
+    assert len(selection.rows) == 20 and selection.candidates == 80

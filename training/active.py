@@ -74,6 +74,22 @@ def select_for_labeling(
     return QueueSelection(rows, margin[rows], len(candidates))
 
 
+def queue_for_labeling(
+    count: int, images_of: Callable[[np.ndarray], np.ndarray], logits_of: Callable[[np.ndarray], np.ndarray],
+    embed: Callable[[np.ndarray], np.ndarray], temperature: float, budget: int, candidate_factor: float = 4.0, chunk: int = 512,
+) -> tuple[QueueSelection, np.ndarray]:
+    """`select_for_labeling` over `count` images read by position (`images_of(rows)`): one pass scores
+    them `chunk` at a time and keeps only their probabilities (softmax of `logits_of(images) /
+    temperature`); only the candidates are read again to be embedded. (selection, probabilities)."""
+    from scipy.special import softmax
+
+    probabilities = np.concatenate([
+        softmax(logits_of(images_of(np.arange(start, min(start + chunk, count)))) / temperature, axis=1)
+        for start in range(0, count, chunk)
+    ]) if count else np.zeros((0, 1))
+    return select_for_labeling(probabilities, lambda rows: embed(images_of(rows)), budget, candidate_factor), probabilities
+
+
 def label_config(class_names: list[str]) -> str:
     """A Label Studio labeling configuration: one image, one choice among the project's classes."""
     choices = "\n".join(f"    <Choice value={quoteattr(name)}/>" for name in class_names)

@@ -15,10 +15,6 @@ from transforms import warehouse
 from transforms.images import served_preprocessing
 
 
-# Unlabeled images scored per step: memory follows this, not the batch.
-CHUNK = 512
-
-
 class LabelingConfig(dg.Config):
     budget: int = Field(50, ge=0, description="Images queued for labeling per batch (0: no queue).")
     candidate_factor: float = Field(
@@ -40,9 +36,7 @@ class LabelingConfig(dg.Config):
     pool="warehouse",
 )
 def labeling_queue(context: dg.AssetExecutionContext, config: LabelingConfig, flywheel: FlywheelHome) -> dg.Output[dict]:
-    from scipy.special import softmax
-
-    from training.active import QueueItem, select_for_labeling, write_queue  # heavy: imported by the runs that use it
+    from training.active import QueueItem, queue_for_labeling, write_queue  # heavy: imported by the runs that use it
     from training.inference import embed_and_predict, load_classifier, predict_onnx
 
     batch_id = context.partition_key
@@ -51,7 +45,6 @@ def labeling_queue(context: dg.AssetExecutionContext, config: LabelingConfig, fl
         raise dg.Failure("the labeling queue ranks images by the champion's uncertainty, and there is no champion yet: train one first")
     card = champion.card()
     session, network = champion.inference_session(), load_classifier(champion.weights, card.model)
-    temperature = card.calibration.temperature if card.calibration else 1.0
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         records = warehouse.batch_pixels(connection, batch_id, served_preprocessing(card))
         unlabeled = np.flatnonzero(records.index["label"].is_null().to_numpy())
@@ -59,13 +52,10 @@ def labeling_queue(context: dg.AssetExecutionContext, config: LabelingConfig, fl
         def images_of(rows: np.ndarray) -> np.ndarray:
             return np.stack([records.images[row] for row in unlabeled[rows]])
 
-        # One pass over the unlabeled images keeps only their probabilities; only the candidates are embedded.
-        chunks = [np.arange(start, min(start + CHUNK, len(unlabeled))) for start in range(0, len(unlabeled), CHUNK)]
-        probabilities = np.concatenate(
-            [softmax(predict_onnx(session, images_of(rows)) / temperature, axis=1) for rows in chunks]
-        ) if chunks else np.zeros((0, card.model.num_classes))
-        selection = select_for_labeling(
-            probabilities, lambda rows: embed_and_predict(network, images_of(rows))[0], config.budget, config.candidate_factor,
+        selection, probabilities = queue_for_labeling(
+            len(unlabeled), images_of, lambda images: predict_onnx(session, images),
+            lambda images: embed_and_predict(network, images)[0],
+            card.calibration.temperature if card.calibration else 1.0, config.budget, config.candidate_factor,
         )
         images = images_of(selection.rows) if len(selection.rows) else None
     image_ids = records.index["image_id"].to_numpy()[unlabeled]
