@@ -21,7 +21,6 @@ champion, queue against random, per budget. Prints a table, then one JSON line.
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +33,11 @@ from training.config import ModelConfig, OptimConfig
 from training.data import build_datasets, read_beton
 from training.inference import embed_and_predict, load_classifier, predict_torch
 from transforms.simulate import digits_pool
+from transforms.warehouse import Records
 
 from fit_process import train  # bench/, beside this script
 
 RESOLUTION, START, START_TRAIN, DRIFTED_VAL = 32, 300, 240, 100
-
-
-@dataclass(frozen=True)
-class Shard:
-    images: np.ndarray
-    index: pl.DataFrame
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.index["label"].to_numpy()
 
 
 def prepare(images: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -76,7 +66,7 @@ def build(folder: Path, seed: int, strength: float) -> dict:
         ("test", "rotated"): (prepare(holdout_images[holdout[DRIFTED_VAL:]], rng, strength), holdout_labels[holdout[DRIFTED_VAL:]]),
     }
     shards = {
-        key: Shard(images, pl.DataFrame({"image_id": [f"{key[1]}-{key[0]}-{n}" for n in range(len(labels))], "batch_id": key[1], "label": labels}))
+        key: Records(images, pl.DataFrame({"image_id": [f"{key[1]}-{key[0]}-{n}" for n in range(len(labels))], "batch_id": key[1], "label": labels}))
         for key, (images, labels) in parts.items()
     }
     digests = {key: f"{seed}-{key[1]}-{len(shard.index)}" for key, shard in shards.items()}

@@ -24,7 +24,6 @@ Prints a table, then one JSON line.
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +38,11 @@ from training.gate import compare_slices
 from training.inference import load_classifier, predict_torch
 from training.replay import replay_selection
 from transforms.simulate import digits_pool
+from transforms.warehouse import Records
 
 from fit_process import train  # bench/, beside this script
 
 RESOLUTION = 32
-
-
-@dataclass(frozen=True)
-class Shard:
-    images: np.ndarray
-    index: pl.DataFrame
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.index["label"].to_numpy()
 
 
 def batch_images(pool: str, size: int, seed: int, invert: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +77,7 @@ def build(folder: Path, history: int, batch_size: int, test_size: int = 0) -> di
                 split_images, split_labels = np.concatenate([split_images, more_images]), np.concatenate([split_labels, more_labels])
             ids = [f"{batch_id}-{r}" for r in range(len(split_labels))] if split == "test" else [f"{batch_id}-{r}" for r in rows]
             index = pl.DataFrame({"image_id": ids, "batch_id": batch_id, "label": split_labels})
-            splits[(split, batch_id)] = Shard(split_images, index)
+            splits[(split, batch_id)] = Records(split_images, index)
     digests = {key: f"{key[1]}-{len(shard.labels)}" for key, shard in splits.items()}
     return build_datasets(folder, "bench", digests, lambda split, batch_id: splits[(split, batch_id)]).manifest
 
