@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # `flywheel status` loads no Dagster definitions
 
 
 def _table(rows: list[dict]) -> str:
-    with pl.Config(tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True, tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60):
+    # Wide enough for the drift history's columns on one line each (polars wraps headers to fit ~100 characters).
+    with pl.Config(tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True, tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=250):
         return str(pl.DataFrame(rows))
 
 
@@ -145,3 +146,8 @@ def print_status(flywheel: FlywheelHome) -> None:
             grid = grids / f"{report['batch_id']}.png"
             if grid.exists():
                 print(f"  batch {report['batch_id']} beside the champion's training images: {grid}")
+    queues = [(value["batch_id"], len(value["queued"]), value["tasks"]) for value in stored_values(flywheel, "labeling_queue") if value["queued"]]
+    if queues:
+        print("\nlabeling queue (import into Label Studio; `flywheel labels import` brings the labels back):")
+        for batch_id, count, tasks in queues:
+            print(f"  batch {batch_id}: {count} image(s) to label, {tasks}")

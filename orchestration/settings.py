@@ -17,6 +17,7 @@ import pydantic
 from orchestration.assets.deployment import ExportConfig
 from orchestration.assets.evaluation import GateConfig
 from orchestration.assets.ingestion import IngestConfig
+from orchestration.assets.labeling import LabelingConfig
 from orchestration.assets.monitoring import DriftConfig
 from orchestration.assets.training import TrainingConfig, TuneJobConfig
 from orchestration.project import PROJECT_KEYS, SettingsError, load_project, read_yaml, validation_message
@@ -30,6 +31,7 @@ CONFIG_CLASSES: dict[str, type[dg.Config]] = {
     "model_evaluation": GateConfig,
     "exported_model": ExportConfig,
     "drift_report": DriftConfig,
+    "labeling_queue": LabelingConfig,
 }
 
 

@@ -43,6 +43,10 @@ def resources_for(root: Path) -> dict:
 # the default 3e-3 (reference_batch 32: no linear down-scaling), the rate these tests were tuned at;
 # at 1.5e-3 the retrained candidate of test_loop is underconfident and fails the calibration gate.
 FAST_TRAINING = {"epochs": 10, "batch_size": 32, "reference_batch": 32}
+# For tests about the loop, not the gate (test_gate is): a first model trained with FAST_TRAINING on 280
+# digits scores about 0.9 on ~56 test images, and scored 0.875 against the 0.9 floor in three of a
+# session's runs (test_idempotency once, test_loop twice), so the first champion is admitted whatever it scores.
+ADMIT_FIRST_MODEL = {"absolute_floor": 0.0}
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ import yaml
 from orchestration.automation import drift_sensor, monitoring_sensor
 from orchestration.definitions import defs
 from flywheel.cli import main
+from flywheel.summary import print_status
 from orchestration.sensors import landing_sensor
-from tests.conftest import FAST_TRAINING
+from tests.conftest import ADMIT_FIRST_MODEL, FAST_TRAINING
 from training.inference import onnx_session, predict_onnx
 from training.registry import Registry
 from transforms.images import decode_image
@@ -33,8 +34,10 @@ class Loop:
         self.instance = dg.DagsterInstance.ephemeral()
         self.cursors: dict[str, str | None] = {}
         self.flywheel = defs.resources["flywheel"]
-        # The sensors put these settings on the runs they request; the gate keeps its defaults.
-        (home / "flywheel.yaml").write_text(yaml.safe_dump({"trained_model": FAST_TRAINING}))
+        # The sensors put these settings on the runs they request; the gate keeps its defaults but the first model's floor.
+        (home / "flywheel.yaml").write_text(yaml.safe_dump({
+            "trained_model": FAST_TRAINING, "model_evaluation": ADMIT_FIRST_MODEL, "labeling_queue": {"budget": 40},
+        }))
 
     def tick(self, sensor) -> list[dg.RunRequest]:
         with dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name), resources={"flywheel": self.flywheel}) as context:
@@ -80,7 +83,7 @@ def age(paths: list[Path]) -> None:
         os.utime(path, (time.time() - 60, time.time() - 60))  # settled files, as the sensor expects
 
 
-def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path):
+def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path, capsys):
     loop = Loop(home)
     registry = Registry(home / "registry")
 
@@ -114,9 +117,12 @@ def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path):
     assert report["estimated_accuracy"]["images"] == 150 and 0.8 < report["estimated_accuracy"]["accuracy"] <= 1
     assert loop.tick(drift_sensor) == []
 
-    # Its labeling queue: the budget's worth of its unlabeled images, as Label Studio tasks.
+    # Its labeling queue: the budget's worth (flywheel.yaml's) of its unlabeled images, as Label Studio tasks.
     tasks = json.loads((home / "labeling" / "clean-000" / "tasks.json").read_text())
-    assert len(tasks) == 50 and {t["data"]["image_id"] for t in tasks} <= set(truth["image_id"])
+    assert len(tasks) == 40 and {t["data"]["image_id"] for t in tasks} <= set(truth["image_id"])
+    print_status(loop.flywheel)  # flywheel status: the estimate beside the drift signals, and the queue
+    status = capsys.readouterr().out
+    assert "estimated before labels" in status and "batch clean-000: 40 image(s) to label" in status
     # A labeler answers the queue in Label Studio; its export comes back through `flywheel labels import`.
     truth_of = dict(zip(truth["image_id"], truth["label"]))
     export = [task | {"annotations": [{"was_cancelled": False, "result": [{

@@ -11,13 +11,13 @@ from orchestration.definitions import defs
 from orchestration.instance import get_instance
 from flywheel.loop import run_tick
 from orchestration.resources import FlywheelHome
-from tests.conftest import FAST_TRAINING
+from tests.conftest import ADMIT_FIRST_MODEL, FAST_TRAINING
 from tests.reliability.conftest import file_hashes, warehouse_snapshot
 from transforms.simulate import SimulationSpec, simulate_batches
 
 pytestmark = pytest.mark.e2e
 
-SETTINGS = {"trained_model": FAST_TRAINING}
+SETTINGS = {"trained_model": FAST_TRAINING, "model_evaluation": ADMIT_FIRST_MODEL}
 RERUNS = [
     ("key:raw_images or key:quarantined_images", "digits-000"),
     ("key:raw_images or key:quarantined_images", "digits-001"),
