@@ -50,7 +50,10 @@ def labeling_queue(context: dg.AssetExecutionContext, config: LabelingConfig, fl
         unlabeled = np.flatnonzero(records.index["label"].is_null().to_numpy())
 
         def images_of(rows: np.ndarray) -> np.ndarray:
-            return np.stack([records.images[row] for row in unlabeled[rows]])
+            positions = unlabeled[rows]
+            if len(positions) and np.all(np.diff(positions) == 1):  # consecutive rows: one slice of the cache
+                return np.asarray(records.images[int(positions[0]):int(positions[-1]) + 1])
+            return np.stack([records.images[row] for row in positions])
 
         selection, probabilities = queue_for_labeling(
             len(unlabeled), images_of, lambda images: predict_onnx(session, images),
