@@ -6,16 +6,17 @@ on, 60 to validate); the rest of the main pool, rotated by 0.5-1 x `--strength` 
 domain where it is right one time in five), is the unlabeled pool; the holdout pool, rotated the same way, gives 100 validation and 260
 test images. For each budget, `training.active.select_for_labeling` (the labeling queue's pick: the
 champion's temperature-scaled margins, balanced over predicted classes, farthest-first in its
-embedding space) and a uniform random pick each label that many pool images; a full training on the
-start plus those labels (the same recipe, its own process, as the asset launches it) is scored on the
-rotated test images.
+embedding space) and a uniform random pick each label that many pool images; the retraining the loop
+runs for a drifted batch (`--retraining incremental`: the champion fine-tuned on the new labels and a
+class-balanced replay of the start, trained_model's incremental defaults; `full`: a new training on the
+start plus the labels), its own process as the asset launches it, is scored on the rotated test images.
 
 Label efficiency: the labels random needs to reach an accuracy over the labels the queue needs for the
 same (the queue's curve interpolated on log budgets), at the accuracy random reaches with the largest
 budget, on the seeds' mean curves; target >= 1.5x. Also the accuracy gained per label over the
 champion, queue against random, per budget. Prints a table, then one JSON line.
 
-    .venv/bin/python bench/active.py [--seeds 3] [--budgets 25 50 100] [--strength 0.3]
+    .venv/bin/python bench/active.py [--seeds 3] [--budgets 25 50 100] [--strength 0.3] [--retraining incremental|full]
 """
 
 import argparse
@@ -29,9 +30,11 @@ from PIL import Image
 
 from training.active import queue_for_labeling
 from training.calibration import fit_temperature
-from training.config import ModelConfig, OptimConfig
+from orchestration.assets.training import TrainingConfig
+from training.config import ModelConfig
 from training.data import build_datasets, read_beton
 from training.inference import embed_and_predict, load_classifier, predict_torch
+from training.replay import replay_selection
 from transforms.simulate import digits_pool
 from transforms.warehouse import Records
 
@@ -73,11 +76,13 @@ def build(folder: Path, seed: int, strength: float) -> dict:
     return build_datasets(folder, "bench", digests, lambda split, batch_id: shards[(split, batch_id)]).manifest
 
 
-def run_seed(root: Path, seed: int, budgets: list[int], strength: float) -> list[dict]:
+def run_seed(root: Path, seed: int, budgets: list[int], strength: float, retraining: str) -> list[dict]:
     folder = root / f"seed-{seed}"
     manifest = build(folder / "data", seed, strength)
-    model, optim = ModelConfig(num_classes=10, resolution=RESOLUTION), OptimConfig(seed=seed)
-    batches = pl.read_parquet(manifest["train"]["index"])["batch_id"].to_numpy()
+    settings = TrainingConfig()
+    model, optim = ModelConfig(num_classes=10, resolution=RESOLUTION), settings.optim().model_copy(update={"seed": seed})
+    index = pl.read_parquet(manifest["train"]["index"])
+    batches = index["batch_id"].to_numpy()
     start_rows, pool_rows = np.flatnonzero(batches == "start"), np.flatnonzero(batches == "pool")
     champion = train("champion", folder / "data", folder, model, optim, rows=start_rows.astype(np.uint64))
     network = load_classifier(Path(champion["weights_path"]), model)
@@ -109,8 +114,20 @@ def run_seed(root: Path, seed: int, budgets: list[int], strength: float) -> list
             "random": rng.choice(len(pool_rows), budget, replace=False),
         }
         for method, chosen in picks.items():
-            rows = np.sort(np.concatenate([start_rows, pool_rows[chosen]])).astype(np.uint64)
-            trained = train(f"{method}-{budget}", folder / "data", folder, model, optim, rows=rows)
+            labeled = np.sort(np.concatenate([start_rows, pool_rows[chosen]]))
+            if retraining == "full":
+                trained = train(f"{method}-{budget}", folder / "data", folder, model, optim, rows=labeled.astype(np.uint64))
+            else:  # what the loop runs for a drifted batch: the champion fine-tuned on the new labels and a replay of the start
+                incremental = settings.incremental()
+                labeled_index = folder / f"{method}-{budget}.index.parquet"
+                index[labeled.tolist()].with_columns(
+                    pl.Series("batch_id", np.where(np.isin(labeled, pool_rows), "new", "start")),
+                ).write_parquet(labeled_index)
+                selection = replay_selection(labeled_index, ["new"], incremental.replay_ratio, seed, incremental.new_passes)
+                trained = train(
+                    f"{method}-{budget}", folder / "data", folder, model, incremental.fine_tune(optim),
+                    warm_start=Path(champion["weights_path"]), rows=labeled[selection.indices.astype(np.int64)].astype(np.uint64),
+                )
             results.append({
                 "seed": seed, "method": method, "labels": budget, "accuracy": accuracy(trained["weights_path"]),
                 "pool accuracy": float((predicted[chosen] == train_labels[pool_rows][chosen]).mean()),
@@ -134,10 +151,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100])
     parser.add_argument("--strength", type=float, default=0.3, help="rotation strength of the drifted pool (0-1)")
+    parser.add_argument("--retraining", choices=("incremental", "full"), default="incremental",
+                        help="incremental: the champion fine-tuned on the picks and a replay of the start, as the loop "
+                        "answers a drifted batch; full: a new training on the start and the picks")
     args = parser.parse_args()
     budgets = sorted(args.budgets)
     with tempfile.TemporaryDirectory(prefix="flywheel-active-") as tmp:
-        rows = [row for seed in range(args.seeds) for row in run_seed(Path(tmp), seed, budgets, args.strength)]
+        rows = [row for seed in range(args.seeds) for row in run_seed(Path(tmp), seed, budgets, args.strength, args.retraining)]
     table = pl.DataFrame(rows)
     champion = table.filter(pl.col("method") == "champion").select("seed", pl.col("accuracy").alias("champion"))
     curves = table.filter(pl.col("method") != "champion").join(champion, on="seed").with_columns(
@@ -165,7 +185,7 @@ def main() -> None:
           f"{f'{efficiency:.2f}x{at_least}' if efficiency else 'n/a'} (target >= 1.5x); accuracy gained per label, queue / random: "
           + ", ".join(f"{b}: {g:.2f}x" for b, g in zip(budgets, gain_ratio)))
     print(json.dumps({
-        "seeds": args.seeds, "budgets": budgets, "strength": args.strength, "test_images": len(digits_pool("holdout")[2]) - DRIFTED_VAL,
+        "seeds": args.seeds, "budgets": budgets, "strength": args.strength, "retraining": args.retraining, "test_images": len(digits_pool("holdout")[2]) - DRIFTED_VAL,
         "champion_accuracy": round(float(champion["champion"].mean()), 4),
         "queue": [round(a, 4) for a in queue_curve], "random": [round(a, 4) for a in random_curve],
         "labels_queue_needs_for_random_at_largest_budget": needed, "label_efficiency": efficiency,
