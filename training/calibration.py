@@ -47,14 +47,6 @@ class AccuracyEstimate:
                 f"on {self.images} images")
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Top-label ECE over equal-width confidence bins."""
-    confidence, right = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    gaps = [abs(confidence[which == b].mean() - right[which == b].mean()) * (which == b).sum() for b in range(bins) if (which == b).any()]
-    return float(np.sum(gaps) / len(labels))
-
-
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, prior_scale: float = 1.0) -> Calibration:
     """The temperature of maximum posterior: the negative log-likelihood of `labels` under
     softmax(logits / T), summed, plus a normal prior on log T centred on 1 (`prior_scale`), searched on
@@ -80,8 +72,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, prior_scale: float =
     return Calibration(
         temperature=temperature, validation_images=len(labels), validation_accuracy=accuracy,
         confidence_gap=float(after.max(axis=1).mean() - accuracy),
-        ece_before=expected_calibration_error(before, labels), ece_after=expected_calibration_error(after, labels),
+        ece_before=_ece(before, labels), ece_after=_ece(after, labels),
     )
+
+
+def _ece(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Top-label ECE over 10 bins, as the evaluation's metrics compute it (torchmetrics)."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(
+        torch.from_numpy(probabilities).float(), torch.from_numpy(labels).long(), num_classes=probabilities.shape[1], n_bins=10,
+    ))
 
 
 def calibrate(predict: Callable[[np.ndarray], np.ndarray], batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Calibration:
