@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -115,8 +116,9 @@ class FlywheelHome(dg.ConfigurableResource):
 
 
 class TrainingCompute(dg.ConfigurableResource):
-    """Where training runs. The asset is the same on a laptop, a multi-GPU box or a cluster; only
-    this changes (see the README's scale-out guide)."""
+    """Where training runs, and with launcher ray where ingestion decodes and measures images too. The
+    assets are the same on a laptop, a multi-GPU box or a cluster; only this changes (see the README's
+    scale-out guide)."""
 
     accelerator: str = ComputeConfig.model_fields["accelerator"]
     devices: str = Field("auto", pattern=r"^(auto|[1-9][0-9]*)$", description="Processes per node: a number, or auto (all GPUs, else 1).")
@@ -128,8 +130,16 @@ class TrainingCompute(dg.ConfigurableResource):
     compile: bool | None = ComputeConfig.model_fields["compile"]
     sync_batchnorm: bool = ComputeConfig.model_fields["sync_batchnorm"]
     num_workers: int | None = ComputeConfig.model_fields["num_workers"]
+    launcher: Literal["torchrun", "ray"] = ComputeConfig.model_fields["launcher"]
+    ray_address: str = ComputeConfig.model_fields["ray_address"]
+    workers: int = ComputeConfig.model_fields["workers"]
+    cpus_per_worker: float = ComputeConfig.model_fields["cpus_per_worker"]
+    gpus_per_worker: float = ComputeConfig.model_fields["gpus_per_worker"]
+    max_failures: int = ComputeConfig.model_fields["max_failures"]
 
     def processes_per_node(self) -> int:
+        if self.launcher == "ray":  # the cluster's workers, not this machine's devices
+            return 1
         if self.devices != "auto":
             return int(self.devices)
         import torch  # here, not at the top: loading the definitions and the CLI needs no torch
@@ -139,18 +149,29 @@ class TrainingCompute(dg.ConfigurableResource):
         return 1
 
     def compute_config(self) -> dict:
+        """ComputeConfig's fields as JSON: the training's placement, part of its attempt's identity."""
         processes = self.processes_per_node()
-        distributed = processes * self.num_nodes > 1
-        return {
+        ranks = self.workers if self.launcher == "ray" else processes * self.num_nodes
+        config = {
             "accelerator": self.accelerator,
             "devices": processes,
-            "num_nodes": self.num_nodes,
-            "strategy": "ddp" if distributed and self.strategy == "auto" else self.strategy,
+            "num_nodes": 1 if self.launcher == "ray" else self.num_nodes,
+            "strategy": "ddp" if ranks > 1 and self.strategy == "auto" else self.strategy,
             "precision": self.precision or None,
             "compile": self.compile,
             "sync_batchnorm": self.sync_batchnorm,
             "num_workers": self.num_workers,
+            "launcher": self.launcher,
         }
+        if self.launcher == "ray":
+            config |= self.model_dump(include={"ray_address", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures"})
+        return config
+
+    def launch_command(self, config_path: Path) -> list[str]:
+        """The command that runs the training `config_path` describes: torchrun here, or a Ray Train job's driver."""
+        if self.launcher == "ray":
+            return [environment_executable("python"), "-m", "training.ray_train", str(config_path)]
+        return self.torchrun_command(config_path)
 
     def torchrun_command(self, config_path: Path) -> list[str]:
         # torch.distributed.run (torchrun), launched so that it dies with the step that started it.

@@ -43,6 +43,26 @@ class ComputeConfig(BaseModel):
         LOADER_COMPILE_MIN_IMAGES, ge=0, description="Compile the training loaders' pipelines with numba only when they "
         "deliver at least this many images (examples x epochs); 0: always.",
     )
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun", description="torchrun: training processes on this machine (devices x num_nodes); ray: a Ray Train "
+        "job of `workers` processes on the cluster at ray_address (the data root on storage every node mounts).",
+    )
+    ray_address: str = Field(
+        "", description="The Ray cluster for launcher ray: its GCS address host:port (what `ray start --head` prints) "
+        "or ray://host:10001 (Ray Client, from outside the cluster).",
+    )
+    workers: int = Field(2, ge=1, description="Training processes of a Ray Train job (one DDP rank each).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray worker reserves; its FFCV loader threads follow it.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves: 0 trains on CPUs (gloo), 1 on a GPU each (NCCL).")
+    max_failures: int = Field(
+        2, ge=0, description="Times Ray restarts the workers after one dies, each time from the last epoch's checkpoint.",
+    )
+
+    @model_validator(mode="after")
+    def _ray_needs_an_address(self) -> "ComputeConfig":
+        if self.launcher == "ray" and not self.ray_address:
+            raise ValueError("compute.launcher ray needs compute.ray_address: the cluster's host:port or ray://host:10001")
+        return self
 
 
 # Backbones by name: (library, the library's name). Any other network of either library is

@@ -64,6 +64,19 @@ class FitResult:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def metadata(self) -> dict:
+        """What the training reports to Dagster (through Pipes), whichever launcher ran it."""
+        reported = asdict(self)
+        return {
+            **{key: reported[key] for key in (
+                "val_accuracy", "val_loss", "train_accuracy", "epochs_completed", "global_step", "resumed_from_step",
+                "world_size", "train_seconds", "accelerator", "precision", "compiled", "loader_threads", "warmup_seconds",
+                "images_per_s", "step_images_per_s", "loader_wait_share",
+            )},
+            "wandb_run_id": self.wandb_run_id or "",
+            "weights_path": {"raw_value": self.weights_path, "type": "path"},
+        }
+
 
 def on_gpus(compute: ComputeConfig) -> bool:
     return compute.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
@@ -222,15 +235,28 @@ def recipe_callbacks(config: FitConfig) -> list[Callback]:
     return callbacks
 
 
+def placement(compute: ComputeConfig) -> tuple[dict, list[Callback]]:
+    """The Trainer's process layout, and the callbacks it needs: torchrun's processes (the environment
+    torchrun sets), or a Ray Train worker's (Ray's rank, process group and checkpoint reporting)."""
+    if compute.launcher == "torchrun":
+        return {"devices": compute.devices, "num_nodes": compute.num_nodes, "strategy": compute.strategy}, []
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback
+
+    return {"devices": "auto", "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()]}, [RayTrainReportCallback()]
+
+
 def fit(
     config: FitConfig, log=lambda message: print(message, file=sys.stderr), callbacks: Sequence[Callback] = (),
+    resume_from: Path | None = None,
 ) -> FitResult:
-    """Train as `config` says; `callbacks` join the recipe's (a tuning trial's pruning callback)."""
+    """Train as `config` says; `callbacks` join the recipe's (a tuning trial's pruning callback).
+    Resumes from `resume_from` (the checkpoint Ray restarts a worker group with), else from the
+    attempt's own last checkpoint when there is one."""
     started = time.perf_counter()
     L.seed_everything(config.optim.seed, workers=True, verbose=False)
     checkpoint_dir = config.run_dir / "checkpoints"
-    last_checkpoint = checkpoint_dir / "last.ckpt"
-    resumed_from = _last_checkpoint_step(last_checkpoint)
+    resume_checkpoint = resume_from or checkpoint_dir / "last.ckpt"
+    resumed_from = _last_checkpoint_step(resume_checkpoint)
 
     compiled = on_gpus(config.compute) if config.compute.compile is None else config.compute.compile
     if on_gpus(config.compute):
@@ -276,27 +302,26 @@ def fit(
     )
     precision = resolve_precision(config.compute)
     timer = StepTimer()
+    layout, launcher_callbacks = placement(config.compute)
     trainer = L.Trainer(
         accelerator=config.compute.accelerator,
-        devices=config.compute.devices,
-        num_nodes=config.compute.num_nodes,
-        strategy=config.compute.strategy,
+        **layout,
         sync_batchnorm=config.compute.sync_batchnorm,
         accumulate_grad_batches=config.optim.accumulate_grad_batches,
         precision=precision,
         max_epochs=config.optim.epochs,
         logger=logger,
         callbacks=[checkpoints, timer, EpochReporter(log), *recipe_callbacks(config)]
-        + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []) + list(callbacks),
+        + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []) + launcher_callbacks + list(callbacks),
         use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         log_every_n_steps=1,
         fast_dev_run=config.fast_dev_run,
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(last_checkpoint) if resumed_from else None)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_checkpoint) if resumed_from else None)
 
-    best = checkpoints.best_model_path or str(last_checkpoint)
+    best = checkpoints.best_model_path or str(checkpoint_dir / "last.ckpt")
     weights_path = config.run_dir / WEIGHTS_FILE
     run = logger.experiment if trainer.is_global_zero else None
     result = FitResult(
@@ -337,28 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) == 0 and PipesEnvVarParamsLoader().is_dagster_pipes_process():
         with open_dagster_pipes() as pipes:
             result = fit(config, log=pipes.log.info)
-            pipes.report_asset_materialization(
-                metadata={
-                    "val_accuracy": result.val_accuracy,
-                    "val_loss": result.val_loss,
-                    "train_accuracy": result.train_accuracy,
-                    "epochs_completed": result.epochs_completed,
-                    "global_step": result.global_step,
-                    "resumed_from_step": result.resumed_from_step,
-                    "world_size": result.world_size,
-                    "train_seconds": result.train_seconds,
-                    "accelerator": result.accelerator,
-                    "precision": result.precision,
-                    "compiled": result.compiled,
-                    "loader_threads": result.loader_threads,
-                    "warmup_seconds": result.warmup_seconds,
-                    "images_per_s": result.images_per_s,
-                    "step_images_per_s": result.step_images_per_s,
-                    "loader_wait_share": result.loader_wait_share,
-                    "wandb_run_id": result.wandb_run_id or "",
-                    "weights_path": {"raw_value": result.weights_path, "type": "path"},
-                }
-            )
+            pipes.report_asset_materialization(metadata=result.metadata())
     else:
         fit(config)
 

@@ -110,7 +110,10 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB", fit_pixel
         raise
     except Image.DecompressionBombError as error:
         raise ImageRejected("image_too_large", f"PIL refuses to open it as a decompression bomb ({error})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        # PIL's own message names the BytesIO object's memory address: noise that differs on every run.
+        raise ImageRejected("undecodable_image", "the bytes are not a readable image (cannot identify image file)") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageRejected("undecodable_image", f"the bytes are not a readable image ({error})") from None
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -236,6 +236,14 @@ def image_chunks(path: Path, rows: int | None = None) -> Iterator[list[bytes | N
         raise LandingFileError(f"{path}: the image column cannot be read ({type(error).__name__}: {error})") from None
 
 
+def row_group_images(path: Path, group: int) -> list[bytes | None]:
+    """The `image` column of one row group of a landing file (a Ray Data task reads its own)."""
+    try:
+        return pq.ParquetFile(path).read_row_group(group, columns=["image"], use_threads=False).column(0).to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        raise LandingFileError(f"{path}: the image column cannot be read ({type(error).__name__}: {error})") from None
+
+
 def _conform_types(path: Path, frame: pl.DataFrame) -> pl.DataFrame:
     schema = frame.schema
     problems = []
@@ -273,14 +281,67 @@ def _nothing_exists(image_ids: list[str], content_hashes: list[str]) -> tuple[se
     return set(), set()
 
 
+@dataclass
+class Measurements:
+    """What one pass over a landing file's image bytes yields, by row number: each decoded image's facts
+    (its pixels dropped), content hash and statistics, or why it was rejected; and the rows read."""
+
+    decoded: dict[int, DecodedImage] = field(default_factory=dict)
+    content_hashes: dict[int, str] = field(default_factory=dict)
+    statistics: dict[int, np.ndarray] = field(default_factory=dict)
+    rejected: dict[int, tuple[str, str | None]] = field(default_factory=dict)  # row -> (reason, message; None: the reason's sentence)
+    rows: int = 0
+
+    def update(self, other: "Measurements") -> None:
+        for name in ("decoded", "content_hashes", "statistics", "rejected"):
+            getattr(self, name).update(getattr(other, name))
+        self.rows += other.rows
+
+
+def measure_images(images: list[bytes | None], first_row: int, to_decode: set[int], max_pixels: int) -> Measurements:
+    """Hash, decode and measure the images of consecutive rows from `first_row` (1-based) that are in
+    `to_decode`: the per-image work of ingestion, on one machine or as a Ray Data task."""
+    measured = Measurements(rows=len(images))
+    statistics = StatisticsCollector()
+    for row_number, data in enumerate(images, start=first_row):
+        if row_number not in to_decode:
+            continue
+        if not data:
+            measured.rejected[row_number] = ("missing_image", None)
+            continue
+        try:
+            image = decode_image(data, max_pixels, fit_pixels=STATISTICS_PIXELS)
+        except ImageRejected as failure:
+            measured.rejected[row_number] = (failure.reason, failure.message)
+            continue
+        measured.content_hashes[row_number] = _sha256(data)
+        statistics.add(row_number, image.pixels)
+        measured.decoded[row_number] = replace(image, pixels=None)
+    measured.statistics = statistics.values()
+    return measured
+
+
+def measure_landing_file(path: Path, to_decode: set[int], max_pixels: int) -> Measurements:
+    """`measure_images` over the whole file in this process, a row group at a time."""
+    measured = Measurements()
+    for chunk in image_chunks(path):
+        measured.update(measure_images(chunk, measured.rows + 1, to_decode, max_pixels))
+    return measured
+
+
+Measure = Callable[[Path, set[int], int], Measurements]
+
+
 def validate_batch(
-    path: Path, frame: pl.DataFrame, rules: ValidationRules, classes: list[str], existing: ExistingKeys = _nothing_exists
+    path: Path, frame: pl.DataFrame, rules: ValidationRules, classes: list[str], existing: ExistingKeys = _nothing_exists,
+    measure: Measure = measure_landing_file,
 ) -> ValidatedBatch:
     """Split a conformed landing frame into accepted images (decoded, with statistics) and quarantine.
 
     Each row gets the first reason that applies; checks that need no decoding run in bulk first, so
-    only rows that can still be accepted are decoded. Labels (names or indices) become indices of
-    `classes`. `existing` looks up ids and image contents that earlier batches already hold.
+    only rows that can still be accepted are decoded, by `measure` (here, or on a Ray cluster:
+    `transforms.ray_data`). Labels (names or indices) become indices of `classes`. `existing` looks
+    up ids and image contents that earlier batches already hold.
     """
     batch_id = batch_id_of(path)
     extra_columns = [column for column in frame.columns if column not in REQUIRED_COLUMNS]
@@ -315,32 +376,11 @@ def validate_batch(
         .alias("detail")
     )
 
-    # One pass over the image bytes, a chunk at a time: what passed the cheap checks is hashed and
-    # decoded; only the decode facts and statistics are kept.
     to_decode = set(rows.filter(pl.col("reason").is_null())["row_number"].to_list())
-    decoded: dict[int, DecodedImage] = {}  # without their pixels, which only the statistics need
-    content_hashes: dict[int, str] = {}
-    statistics = StatisticsCollector()
-    rejected: dict[int, tuple[str, str | None]] = {}  # row -> (reason, message; None: the reason's sentence)
-    row_number = 0
-    for chunk in image_chunks(path):
-        for data in chunk:
-            row_number += 1
-            if row_number not in to_decode:
-                continue
-            if not data:
-                rejected[row_number] = ("missing_image", None)
-                continue
-            try:
-                image = decode_image(data, rules.max_pixels, fit_pixels=STATISTICS_PIXELS)
-            except ImageRejected as failure:
-                rejected[row_number] = (failure.reason, failure.message)
-                continue
-            content_hashes[row_number] = _sha256(data)
-            statistics.add(row_number, image.pixels)
-            decoded[row_number] = replace(image, pixels=None)
-    if row_number != rows.height:
-        raise LandingFileError(f"{path}: {rows.height} rows but {row_number} images; the file changed while it was read")
+    measured = measure(path, to_decode, rules.max_pixels)
+    if measured.rows != rows.height:
+        raise LandingFileError(f"{path}: {rows.height} rows but {measured.rows} images; the file changed while it was read")
+    decoded, content_hashes, rejected = measured.decoded, measured.content_hashes, measured.rejected
     if rejected:
         failures = pl.DataFrame(
             {
@@ -392,7 +432,7 @@ def validate_batch(
     return ValidatedBatch(
         batch_id=batch_id,
         path=path,
-        images=_accepted_images(batch_id, accepted, decoded, statistics.values(), extra_columns),
+        images=_accepted_images(batch_id, accepted, decoded, measured.statistics, extra_columns),
         quarantined=quarantined.cast(QUARANTINE_SCHEMA),
         classes=classes,
     )

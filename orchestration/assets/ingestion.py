@@ -6,13 +6,13 @@ from pydantic import Field
 from orchestration.metadata import markdown_table
 from orchestration.partitions import batch_partitions
 from orchestration.project import SettingsError
-from orchestration.resources import FlywheelHome
+from orchestration.resources import FlywheelHome, TrainingCompute
 from transforms import warehouse
 from transforms.classes import ClassesError, resolve_classes
 from transforms.labels import label_files_signature, read_label_files
 from transforms.landing import (
-    LandingFileError, ValidationRules, declared_classes, file_sha256, ingestion_fingerprint, read_landing_file,
-    validate_batch,
+    LandingFileError, ValidationRules, declared_classes, file_sha256, ingestion_fingerprint, measure_landing_file,
+    read_landing_file, validate_batch,
 )
 
 
@@ -49,9 +49,15 @@ def ingestion_rules(flywheel: FlywheelHome, config: IngestConfig) -> ValidationR
     partitions_def=batch_partitions,
     pool="warehouse",
 )
-def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywheel: FlywheelHome):
+def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywheel: FlywheelHome, compute: TrainingCompute):
     batch_id = context.partition_key
     rules = ingestion_rules(flywheel, config)
+    if compute.launcher == "ray":  # the images are decoded and measured by Ray Data tasks on the cluster
+        from transforms.ray_data import measure_on_ray
+
+        measure = measure_on_ray(compute.ray_address)
+    else:
+        measure = measure_landing_file
     try:
         path = flywheel.landing_file(batch_id)
         sha256 = file_sha256(path) if path.is_file() else None
@@ -68,7 +74,7 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
                 warehouse.stored_classes(connection), list(rules.classes), frame["label"], declared_classes(path)
             )
             batch = validate_batch(
-                path, frame, rules, classes, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes)
+                path, frame, rules, classes, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes), measure,
             )
             counts = warehouse.replace_batch(connection, batch, fingerprint)
     except (LandingFileError, ClassesError, SettingsError) as error:
@@ -86,6 +92,7 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
             # The landing sensor compares it with the file's: equal means there is nothing new to ingest.
             "ingestion_fingerprint": fingerprint,
             "rows_in_file": batch.row_count,
+            "decoded_on": f"Ray cluster {compute.ray_address}" if compute.launcher == "ray" else "this machine",
             "accepted": counts.images,
             "labeled": int(batch.images["label"].is_not_null().sum()),
             "classes": len(batch.classes),

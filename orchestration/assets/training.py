@@ -85,6 +85,10 @@ class TrainingConfig(dg.Config):
     replay_ratio: float = INCREMENTAL_FIELDS["replay_ratio"]
     new_passes: int = INCREMENTAL_FIELDS["new_passes"]
     incremental_distillation: float = INCREMENTAL_FIELDS["distillation"]
+    audit_examples: bool = Field(
+        False, description="Each training process writes a digest of every image of its first epoch to the attempt's audit/ "
+        "folder: proof that the processes (torchrun's or a Ray cluster's) saw disjoint shares of the data.",
+    )
     use_tuned: bool = Field(
         True, description="Take the values of the best trial of the latest tune run (tuned_hyperparameters) for the "
         "fields it searched, when it tuned this backbone and start; off: these settings as they are.",
@@ -204,6 +208,7 @@ def fit_config(
         tags={"dagster_run": context.run_id},
         reason=context.run.tags.get("flywheel/reason", "manual"),
         train_indices=run_dir / "train_rows.npy" if rows else None,
+        audit_examples=config.audit_examples,
         **payload,
     )
 
@@ -280,13 +285,13 @@ def trained_model(
         np.save(fit.train_indices, plan.selection.indices)
     config_path = run_dir / "fit_config.json"
     config_path.write_text(fit.model_dump_json(indent=2))
-    context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.torchrun_command(config_path))}")
+    context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.launch_command(config_path))}")
 
     failure_file = run_dir / "failure.txt"
     failure_file.unlink(missing_ok=True)
     try:
         invocation = dg.PipesSubprocessClient().run(
-            command=compute.torchrun_command(config_path),
+            command=compute.launch_command(config_path),
             context=context,
             env={"PYTHONUNBUFFERED": "1", FAILURE_FILE_ENV: str(failure_file)},
         )

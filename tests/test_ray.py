@@ -1,0 +1,176 @@
+"""Training on a real Ray cluster: a head and two worker nodes on this machine (CPU only), started
+and stopped here. Two Ray Train workers train with DDP over gloo through the `trained_model` asset."""
+
+import hashlib
+import json
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import pytest
+
+from tests.conftest import resources_for
+from orchestration.resources import TrainingCompute
+
+# Global batch 32 in every run (2 workers x 16, or 1 process x 32): the same optimizer steps.
+TRAINING = {"epochs": 10, "batch_size": 16, "reference_batch": 32, "width": 16, "recipe": "none"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node with no CPUs to schedule on and two worker nodes of one CPU each: the two training
+    workers must land on different nodes. Yields the head's address on the loopback interface."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield f"127.0.0.1:{cluster.address.rpartition(':')[2]}"
+    finally:
+        cluster.shutdown()
+
+
+def stored_datasets(home: Path, digits_splits: dict) -> None:
+    """`ffcv_datasets`' value for the digits splits, as the asset would have stored it."""
+    from orchestration.io_manager import value_path
+    from orchestration.resources import FlywheelHome
+
+    datasets = {
+        "dir": str(digits_splits["dir"]), "classes": [str(digit) for digit in range(10)], "resolution": 32,
+        "splits": {"train": {"batches": ["digits"], "examples": 400}, "val": {"examples": 100}},
+    }
+    stored = value_path(FlywheelHome(home=str(home)), dg.AssetKey("ffcv_datasets"), None)
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps(datasets))
+
+
+def train(home: Path, compute: TrainingCompute, config: dict, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    from orchestration.assets.datasets import ffcv_datasets
+    from orchestration.assets.training import trained_model
+
+    return dg.materialize(
+        [ffcv_datasets, trained_model], selection=["trained_model"], resources=resources_for(home) | {"compute": compute},
+        run_config={"ops": {"trained_model": {"config": config}}}, raise_on_error=raise_on_error,
+    )
+
+
+def on_ray(address: str, **settings) -> TrainingCompute:
+    return TrainingCompute(accelerator="cpu", launcher="ray", ray_address=address, workers=2, num_workers=1, **settings)
+
+
+def test_two_ray_workers_train_disjoint_halves_through_the_asset_as_well_as_one_process(
+    ray_cluster: str, digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    homes = {name: tmp_path / name for name in ("ray", "single")}
+    for home in homes.values():
+        home.mkdir()
+        stored_datasets(home, digits_splits)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+
+    on_cluster = train(homes["ray"], on_ray(ray_cluster), TRAINING | {"audit_examples": True})
+    single = train(homes["single"], TrainingCompute(accelerator="cpu", devices="1", num_workers=1), TRAINING | {"batch_size": 32})
+
+    ray_value, single_value = on_cluster.output_for_node("trained_model"), single.output_for_node("trained_model")
+    metadata = on_cluster.asset_materializations_for_node("trained_model")[0].metadata
+    assert (ray_value["world_size"], single_value["world_size"]) == (2, 1)
+    assert metadata["world_size"].value == 2 and metadata["global_step"].value == ray_value["global_step"]  # reported through Pipes
+    assert ray_value["global_step"] == single_value["global_step"]
+    assert ray_value["val_accuracy"] >= single_value["val_accuracy"] - 0.05, (ray_value, single_value)
+    assert ray_value["val_accuracy"] >= 0.85
+
+    audit = homes["ray"] / "checkpoints" / ray_value["attempt"] / "audit"
+    rank0, rank1 = (json.loads((audit / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    train_digests = Counter(hashlib.sha1(image.tobytes()).hexdigest() for image in digits_splits["images"]["train"])
+    repeated = {digest for digest, count in train_digests.items() if count > 1}  # identical scans may fall to either worker
+    assert len(rank0) == len(rank1) >= 190  # each worker a half of the 400 training images
+    assert not (set(rank0) & set(rank1)) - repeated
+    assert set(rank0) | set(rank1) <= set(train_digests)
+    fit_config = json.loads((homes["ray"] / "checkpoints" / ray_value["attempt"] / "fit_config.json").read_text())
+    assert fit_config["compute"]["launcher"] == "ray" and fit_config["compute"]["workers"] == 2
+
+
+def ray_train_workers() -> list[psutil.Process]:
+    return [process for process in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(process.info["cmdline"] or [])]
+
+
+def test_a_killed_worker_is_restarted_by_ray_and_training_resumes_from_the_last_checkpoint(
+    ray_cluster: str, digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    home = tmp_path / "flywheel"
+    home.mkdir()
+    stored_datasets(home, digits_splits)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        # Ray's controller writes its snapshot once it has registered a reported checkpoint.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not list(home.glob("checkpoints/*/ray/checkpoint_manager_snapshot.json")):
+            time.sleep(0.05)
+        workers = ray_train_workers()
+        if workers:
+            workers[-1].send_signal(signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = train(home, on_ray(ray_cluster, max_failures=1), TRAINING | {"seed": 1})
+    killer.join(timeout=5)
+
+    value = result.output_for_node("trained_model")
+    steps_per_epoch = 400 // 32
+    assert killed, "no Ray training worker was found to kill"
+    assert value["resumed_from_step"] >= steps_per_epoch, value  # the restarted workers began from a reported checkpoint
+    assert value["global_step"] == TRAINING["epochs"] * steps_per_epoch  # and finished the epochs left, not all of them again
+    assert value["world_size"] == 2 and value["val_accuracy"] >= 0.85
+
+
+def test_an_unreachable_cluster_fails_the_asset_in_one_line_naming_the_address(digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    home = tmp_path / "flywheel"
+    home.mkdir()
+    stored_datasets(home, digits_splits)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    result = train(home, on_ray(address), TRAINING, raise_on_error=False)
+    failure = next(event for event in result.all_events if event.event_type_value == "STEP_FAILURE")
+    description = failure.event_specific_data.error_display_string.strip().splitlines()
+    assert f"dagster._core.definitions.events.Failure: training failed: Ray cluster at {address} is unreachable: Connection refused" in description, description
+
+
+def test_ray_data_measures_a_generated_batch_exactly_as_the_single_machine_path(ray_cluster: str, tmp_path: Path):
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.landing import ValidationRules, read_landing_file, validate_batch
+    from transforms.ray_data import measure_on_ray, row_group_tasks
+    from transforms.simulate import SimulationSpec, simulate_batches
+
+    (simulated,), _ = simulate_batches(tmp_path / "landing", SimulationSpec(batches=1, batch_size=300, drift="blur", strength=0.5))
+    table = pq.read_table(simulated)
+    images = table.column("image").to_pylist()
+    images[7], images[150] = b"%PDF-1.4 not an image", images[150][:40]  # an undecodable and a truncated image
+    column = table.schema.get_field_index("image")
+    table = table.set_column(column, table.schema.field(column), pa.array(images, type=table.schema.field(column).type))
+    path = tmp_path / "generated.parquet"
+    pq.write_table(table, path, row_group_size=64)  # five row groups: five Ray Data tasks
+    rules = ValidationRules(classes=(), max_pixels=10_000)
+    classes = [str(digit) for digit in range(10)]
+    assert len(row_group_tasks(path, set(range(1, 301)))) == 5
+
+    here = validate_batch(path, read_landing_file(path), rules, classes)
+    on_ray = validate_batch(path, read_landing_file(path), rules, classes, measure=measure_on_ray(ray_cluster))
+
+    assert here.images.height == 298 and set(here.quarantined["reason"]) == {"undecodable_image"}
+    assert on_ray.images.equals(here.images)  # every statistic, bit for bit
+    assert on_ray.quarantined.equals(here.quarantined)
+    assert on_ray.images.select(pl.col("brightness").std()).item() > 0
