@@ -12,7 +12,7 @@ from pydantic import Field
 
 from orchestration.project import Project, load_project
 from transforms.images import Preprocessing
-from training.config import ComputeConfig
+from training.config import ComputeConfig, KubernetesConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,6 +115,22 @@ class FlywheelHome(dg.ConfigurableResource):
         return self.landing / f"{check_batch_id(batch_id)}.parquet"
 
 
+KUBERNETES_FIELDS = KubernetesConfig.model_fields
+
+
+class KubernetesPods(dg.Config):
+    """`training.config.KubernetesConfig` as Dagster configuration (its defaults and descriptions)."""
+
+    image: str = KUBERNETES_FIELDS["image"]
+    namespace: str = KUBERNETES_FIELDS["namespace"]
+    volume_claim: str = KUBERNETES_FIELDS["volume_claim"]
+    cpus_per_node: str = KUBERNETES_FIELDS["cpus_per_node"]
+    memory_per_node: str = KUBERNETES_FIELDS["memory_per_node"]
+    gpus_per_node: int = KUBERNETES_FIELDS["gpus_per_node"]
+    service_account: str = KUBERNETES_FIELDS["service_account"]
+    env_secret: str = KUBERNETES_FIELDS["env_secret"]
+
+
 class TrainingCompute(dg.ConfigurableResource):
     """Where training runs, and with launcher ray where ingestion decodes and measures images too. The
     assets are the same on a laptop, a multi-GPU box or a cluster; only this changes (see the README's
@@ -130,16 +146,19 @@ class TrainingCompute(dg.ConfigurableResource):
     compile: bool | None = ComputeConfig.model_fields["compile"]
     sync_batchnorm: bool = ComputeConfig.model_fields["sync_batchnorm"]
     num_workers: int | None = ComputeConfig.model_fields["num_workers"]
-    launcher: Literal["torchrun", "ray"] = ComputeConfig.model_fields["launcher"]
+    launcher: Literal["torchrun", "ray", "kubernetes"] = ComputeConfig.model_fields["launcher"]
     ray_address: str = ComputeConfig.model_fields["ray_address"]
     workers: int = ComputeConfig.model_fields["workers"]
     cpus_per_worker: float = ComputeConfig.model_fields["cpus_per_worker"]
     gpus_per_worker: float = ComputeConfig.model_fields["gpus_per_worker"]
     max_failures: int = ComputeConfig.model_fields["max_failures"]
+    kubernetes: KubernetesPods = Field(default_factory=KubernetesPods, description=ComputeConfig.model_fields["kubernetes"].description)
 
     def processes_per_node(self) -> int:
         if self.launcher == "ray":  # the cluster's workers, not this machine's devices
             return 1
+        if self.launcher == "kubernetes":  # the pods' processes: this machine's devices say nothing about them
+            return 1 if self.devices == "auto" else int(self.devices)
         if self.devices != "auto":
             return int(self.devices)
         import torch  # here, not at the top: loading the definitions and the CLI needs no torch
@@ -165,6 +184,8 @@ class TrainingCompute(dg.ConfigurableResource):
         }
         if self.launcher == "ray":
             config |= self.model_dump(include={"ray_address", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures"})
+        if self.launcher == "kubernetes":
+            config["kubernetes"] = self.kubernetes.model_dump()
         return config
 
     def launch_command(self, config_path: Path) -> list[str]:

@@ -39,6 +39,38 @@ def resources_for(root: Path) -> dict:
     }
 
 
+def stored_datasets(home: Path, digits_splits: dict) -> dict:
+    """`ffcv_datasets`' value for the digits splits (the fixture's sizes), as the asset would have stored it."""
+    import json
+
+    import dagster as dg
+
+    from orchestration.io_manager import value_path
+    from orchestration.resources import FlywheelHome
+
+    datasets = {
+        "dir": str(digits_splits["dir"]), "classes": [str(digit) for digit in range(10)], "resolution": 32,
+        "splits": {"train": {"batches": ["digits"], "examples": 400}, "val": {"examples": 100}},
+    }
+    stored = value_path(FlywheelHome(home=str(home)), dg.AssetKey("ffcv_datasets"), None)
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps(datasets))
+    return datasets
+
+
+def materialize_training(home: Path, compute, config: dict, raise_on_error: bool = True):
+    """`trained_model` materialized on `stored_datasets`' value, on `compute` (a TrainingCompute)."""
+    import dagster as dg
+
+    from orchestration.assets.datasets import ffcv_datasets
+    from orchestration.assets.training import trained_model
+
+    return dg.materialize(
+        [ffcv_datasets, trained_model], selection=["trained_model"], resources=resources_for(home) | {"compute": compute},
+        run_config={"ops": {"trained_model": {"config": config}}}, raise_on_error=raise_on_error,
+    )
+
+
 # Small and fast, yet enough to learn the digits: used by every test that trains. Batches of 32 at
 # the default 3e-3 (reference_batch 32: no linear down-scaling), the rate these tests were tuned at;
 # at 1.5e-3 the retrained candidate of test_loop is underconfident and fails the calibration gate.

@@ -10,11 +10,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import dagster as dg
 import psutil
 import pytest
 
-from tests.conftest import resources_for
+from tests.conftest import materialize_training, stored_datasets
 from orchestration.resources import TrainingCompute
 
 # Global batch 32 in every run (2 workers x 16, or 1 process x 32): the same optimizer steps.
@@ -37,30 +36,6 @@ def ray_cluster():
         cluster.shutdown()
 
 
-def stored_datasets(home: Path, digits_splits: dict) -> None:
-    """`ffcv_datasets`' value for the digits splits, as the asset would have stored it."""
-    from orchestration.io_manager import value_path
-    from orchestration.resources import FlywheelHome
-
-    datasets = {
-        "dir": str(digits_splits["dir"]), "classes": [str(digit) for digit in range(10)], "resolution": 32,
-        "splits": {"train": {"batches": ["digits"], "examples": 400}, "val": {"examples": 100}},
-    }
-    stored = value_path(FlywheelHome(home=str(home)), dg.AssetKey("ffcv_datasets"), None)
-    stored.parent.mkdir(parents=True)
-    stored.write_text(json.dumps(datasets))
-
-
-def train(home: Path, compute: TrainingCompute, config: dict, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
-    from orchestration.assets.datasets import ffcv_datasets
-    from orchestration.assets.training import trained_model
-
-    return dg.materialize(
-        [ffcv_datasets, trained_model], selection=["trained_model"], resources=resources_for(home) | {"compute": compute},
-        run_config={"ops": {"trained_model": {"config": config}}}, raise_on_error=raise_on_error,
-    )
-
-
 def on_ray(address: str, **settings) -> TrainingCompute:
     return TrainingCompute(accelerator="cpu", launcher="ray", ray_address=address, workers=2, num_workers=1, **settings)
 
@@ -74,8 +49,8 @@ def test_two_ray_workers_train_disjoint_halves_through_the_asset_as_well_as_one_
         stored_datasets(home, digits_splits)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
 
-    on_cluster = train(homes["ray"], on_ray(ray_cluster), TRAINING | {"audit_examples": True})
-    single = train(homes["single"], TrainingCompute(accelerator="cpu", devices="1", num_workers=1), TRAINING | {"batch_size": 32})
+    on_cluster = materialize_training(homes["ray"], on_ray(ray_cluster), TRAINING | {"audit_examples": True})
+    single = materialize_training(homes["single"], TrainingCompute(accelerator="cpu", devices="1", num_workers=1), TRAINING | {"batch_size": 32})
 
     ray_value, single_value = on_cluster.output_for_node("trained_model"), single.output_for_node("trained_model")
     metadata = on_cluster.asset_materializations_for_node("trained_model")[0].metadata
@@ -121,7 +96,7 @@ def test_a_killed_worker_is_restarted_by_ray_and_training_resumes_from_the_last_
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
     killer.start()
-    result = train(home, on_ray(ray_cluster, max_failures=1), TRAINING | {"seed": 1})
+    result = materialize_training(home, on_ray(ray_cluster, max_failures=1), TRAINING | {"seed": 1})
     killer.join(timeout=5)
 
     value = result.output_for_node("trained_model")
@@ -140,7 +115,7 @@ def test_an_unreachable_cluster_fails_the_asset_in_one_line_naming_the_address(d
     with socket.socket() as unused:  # a port nothing listens on
         unused.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{unused.getsockname()[1]}"
-    result = train(home, on_ray(address), TRAINING, raise_on_error=False)
+    result = materialize_training(home, on_ray(address), TRAINING, raise_on_error=False)
     failure = next(event for event in result.all_events if event.event_type_value == "STEP_FAILURE")
     description = failure.event_specific_data.error_display_string.strip().splitlines()
     assert f"dagster._core.definitions.events.Failure: training failed: Ray cluster at {address} is unreachable: Connection refused" in description, description

@@ -8,7 +8,7 @@ import dagster as dg
 import optuna
 import pytest
 
-from tests.conftest import FAST_TRAINING, resources_for
+from tests.conftest import FAST_TRAINING, resources_for, stored_datasets
 from training.config import FitConfig, ModelConfig, OptimConfig, TuneConfig
 from training.tracking import find_offline_run, read_offline_run
 
@@ -80,17 +80,10 @@ def test_a_killed_tune_leaves_no_trial_running_and_its_baseline_runs_again(tmp_p
 def test_the_tune_job_finds_values_that_the_next_trained_model_uses(digits_splits: dict, home: Path):
     from orchestration.assets.datasets import ffcv_datasets
     from orchestration.assets.training import trained_model, tuned_hyperparameters
-    from orchestration.io_manager import value_path
     from orchestration.resources import FlywheelHome
 
-    datasets = {
-        "dir": str(digits_splits["dir"]), "classes": [str(digit) for digit in range(10)], "resolution": 32,
-        "splits": {"train": {"batches": ["digits"], "examples": 400}, "val": {"examples": 100}},  # digits_splits' sizes
-    }
+    datasets = stored_datasets(home, digits_splits)
     flywheel = FlywheelHome(home=str(home))
-    stored = value_path(flywheel, dg.AssetKey("ffcv_datasets"), None)
-    stored.parent.mkdir(parents=True)
-    stored.write_text(json.dumps(datasets))
     (home / "flywheel.yaml").write_text("trained_model:\n  recipe: none\n  width: 16\n")
     assets = [ffcv_datasets, tuned_hyperparameters, trained_model]
 

@@ -16,6 +16,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LOADER_COMPILE_MIN_IMAGES = 100_000
 
 
+class KubernetesConfig(BaseModel):
+    """The pods of a training on Kubernetes (`training.kubernetes`): num_nodes pods of devices processes each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field("", description="The container image: this project installed as `make setup` does (same code, same venv).")
+    namespace: str = Field("default", description="Namespace of the Job and its Service.")
+    volume_claim: str = Field(
+        "", description="PersistentVolumeClaim holding the data root; mounted in every pod at the data root's path on the Dagster host.",
+    )
+    cpus_per_node: str = Field("4", description="CPU request and limit of each pod (Kubernetes quantity).")
+    memory_per_node: str = Field("16Gi", description="Memory request and limit of each pod (Kubernetes quantity).")
+    gpus_per_node: int = Field(0, ge=0, description="nvidia.com/gpu limit of each pod; devices processes share them.")
+    service_account: str = Field("", description="Service account of the pods; empty: the namespace's default.")
+    env_secret: str = Field("", description="A Secret whose keys become the pods' environment (e.g. WANDB_API_KEY); empty: none.")
+
+
 class ComputeConfig(BaseModel):
     """Where and how training runs. GPU settings are configuration; the code never assumes one."""
 
@@ -43,9 +60,10 @@ class ComputeConfig(BaseModel):
         LOADER_COMPILE_MIN_IMAGES, ge=0, description="Compile the training loaders' pipelines with numba only when they "
         "deliver at least this many images (examples x epochs); 0: always.",
     )
-    launcher: Literal["torchrun", "ray"] = Field(
+    launcher: Literal["torchrun", "ray", "kubernetes"] = Field(
         "torchrun", description="torchrun: training processes on this machine (devices x num_nodes); ray: a Ray Train "
-        "job of `workers` processes on the cluster at ray_address (the data root on storage every node mounts).",
+        "job of `workers` processes on the cluster at ray_address (the data root on storage every node mounts); "
+        "kubernetes: num_nodes pods of devices processes each (`kubernetes`).",
     )
     ray_address: str = Field(
         "", description="The Ray cluster for launcher ray: its GCS address host:port (what `ray start --head` prints) "
@@ -58,10 +76,14 @@ class ComputeConfig(BaseModel):
         2, ge=0, description="Times Ray restarts the workers after one dies, each time from the last epoch's checkpoint.",
     )
 
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="The pods, for launcher kubernetes.")
+
     @model_validator(mode="after")
-    def _ray_needs_an_address(self) -> "ComputeConfig":
+    def _launcher_settings(self) -> "ComputeConfig":
         if self.launcher == "ray" and not self.ray_address:
             raise ValueError("compute.launcher ray needs compute.ray_address: the cluster's host:port or ray://host:10001")
+        if self.launcher == "kubernetes" and not (self.kubernetes.image and self.kubernetes.volume_claim):
+            raise ValueError("compute.launcher kubernetes needs kubernetes.image and kubernetes.volume_claim (the data root's volume)")
         return self
 
 

@@ -15,7 +15,6 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -32,50 +31,10 @@ from training.distributed_run import entry_config
 from training.backbones import build_network, load_pretrained
 from training.model import FreezeBackbone, LitClassifier, ProgressiveResizing
 from training.inference import load_weights
+from training.results import FitResult
 from training.tracking import wandb_mode
 
 WEIGHTS_FILE = "weights.safetensors"
-
-
-@dataclass(frozen=True)
-class FitResult:
-    weights_path: str
-    best_checkpoint: str
-    val_accuracy: float
-    val_loss: float
-    train_accuracy: float
-    epochs_completed: int
-    global_step: int
-    resumed_from_step: int
-    world_size: int
-    train_seconds: float
-    wandb_run_id: str | None
-    wandb_run_dir: str | None
-    accelerator: str
-    precision: str
-    compiled: bool
-    loader_threads: int
-    # From the second training batch (StepTimer): what the first costs is warm-up, not training speed.
-    warmup_seconds: float
-    images_per_s: float
-    step_images_per_s: float
-    loader_wait_share: float
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def metadata(self) -> dict:
-        """What the training reports to Dagster (through Pipes), whichever launcher ran it."""
-        reported = asdict(self)
-        return {
-            **{key: reported[key] for key in (
-                "val_accuracy", "val_loss", "train_accuracy", "epochs_completed", "global_step", "resumed_from_step",
-                "world_size", "train_seconds", "accelerator", "precision", "compiled", "loader_threads", "warmup_seconds",
-                "images_per_s", "step_images_per_s", "loader_wait_share",
-            )},
-            "wandb_run_id": self.wandb_run_id or "",
-            "weights_path": {"raw_value": self.weights_path, "type": "path"},
-        }
 
 
 def on_gpus(compute: ComputeConfig) -> bool:
@@ -237,8 +196,9 @@ def recipe_callbacks(config: FitConfig) -> list[Callback]:
 
 def placement(compute: ComputeConfig) -> tuple[dict, list[Callback]]:
     """The Trainer's process layout, and the callbacks it needs: torchrun's processes (the environment
-    torchrun sets), or a Ray Train worker's (Ray's rank, process group and checkpoint reporting)."""
-    if compute.launcher == "torchrun":
+    torchrun sets, on this machine or in Kubernetes pods), or a Ray Train worker's (Ray's rank,
+    process group and checkpoint reporting)."""
+    if compute.launcher != "ray":
         return {"devices": compute.devices, "num_nodes": compute.num_nodes, "strategy": compute.strategy}, []
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback
 

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
-    from training.fit import FitResult
+    from training.results import FitResult
 
     try:
         if PipesEnvVarParamsLoader().is_dagster_pipes_process():

@@ -4,6 +4,7 @@ reads cards (the CLI, the Dagster definitions), load without torch, ONNX Runtime
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 
@@ -59,3 +60,46 @@ class ExportGatePolicy:
     max_accuracy_drop: float  # int8 may lose at most this much top-1 accuracy against fp32
     max_size_ratio: float  # int8 file at most this fraction of the fp32 file
     max_parity_diff: float  # largest |torch logit - ONNX fp32 logit|
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a training reports (`result.json`, written by its rank 0), whichever launcher ran it."""
+
+    weights_path: str
+    best_checkpoint: str
+    val_accuracy: float
+    val_loss: float
+    train_accuracy: float
+    epochs_completed: int
+    global_step: int
+    resumed_from_step: int
+    world_size: int
+    train_seconds: float
+    wandb_run_id: str | None
+    wandb_run_dir: str | None
+    accelerator: str
+    precision: str
+    compiled: bool
+    loader_threads: int
+    # From the second training batch (StepTimer): what the first costs is warm-up, not training speed.
+    warmup_seconds: float
+    images_per_s: float
+    step_images_per_s: float
+    loader_wait_share: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def metadata(self) -> dict:
+        """What the training reports to Dagster (through Pipes), whichever launcher ran it."""
+        reported = asdict(self)
+        return {
+            **{key: reported[key] for key in (
+                "val_accuracy", "val_loss", "train_accuracy", "epochs_completed", "global_step", "resumed_from_step",
+                "world_size", "train_seconds", "accelerator", "precision", "compiled", "loader_threads", "warmup_seconds",
+                "images_per_s", "step_images_per_s", "loader_wait_share",
+            )},
+            "wandb_run_id": self.wandb_run_id or "",
+            "weights_path": {"raw_value": self.weights_path, "type": "path"},
+        }

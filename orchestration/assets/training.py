@@ -20,6 +20,7 @@ from training.config import (
     backbone_source,
 )
 from training.distributed_run import FAILURE_FILE_ENV
+from training.results import FitResult
 from training.registry import ModelVersion, Registry
 from training.replay import ReplaySelection, replay_selection
 
@@ -250,6 +251,32 @@ def champion_warm_start(context: dg.AssetExecutionContext, champion: ModelVersio
     return str(champion.weights)
 
 
+def launch_training(context: dg.AssetExecutionContext, compute: TrainingCompute, fit: FitConfig, config_path: Path, data_root: Path) -> dict:
+    """Run the training where `compute` says and return what it reported: torchrun or a Ray Train job's
+    driver through Pipes, or Kubernetes pods (whose rank 0 leaves result.json on the data root's volume)."""
+    if compute.launcher == "kubernetes":
+        from orchestration.kubernetes import job_name, train_on_kubernetes
+
+        train_on_kubernetes(context, fit.compute, config_path, data_root, job_name(fit.run_dir.name, context.run_id))
+        result = FitResult(**json.loads((fit.run_dir / RESULT_FILE).read_text()))
+        return result.metadata() | {"weights_path": dg.MetadataValue.path(result.weights_path)}  # Pipes' form, as a value
+    command = compute.launch_command(config_path)
+    context.log.info(f"training attempt {fit.run_dir.name}: {' '.join(command)}")
+    failure_file = fit.run_dir / "failure.txt"
+    failure_file.unlink(missing_ok=True)
+    try:
+        invocation = dg.PipesSubprocessClient().run(
+            command=command, context=context, env={"PYTHONUNBUFFERED": "1", FAILURE_FILE_ENV: str(failure_file)},
+        )
+    except Exception as error:
+        # The launcher's one line (which worker died, by which signal or exception; an unreachable
+        # cluster) instead of Pipes' "process failed with code 1".
+        if failure_file.exists():
+            raise dg.Failure(description=f"training failed: {failure_file.read_text().strip()}") from error
+        raise
+    return invocation.get_materialize_result().metadata or {}
+
+
 @dg.asset(
     description="A candidate classifier trained with Lightning on the FFCV datasets (DDP when several "
     "processes run), checkpointed every epoch and logged to W&B. Takes the best values of the latest "
@@ -285,23 +312,7 @@ def trained_model(
         np.save(fit.train_indices, plan.selection.indices)
     config_path = run_dir / "fit_config.json"
     config_path.write_text(fit.model_dump_json(indent=2))
-    context.log.info(f"training attempt {run_dir.name}: {' '.join(compute.launch_command(config_path))}")
-
-    failure_file = run_dir / "failure.txt"
-    failure_file.unlink(missing_ok=True)
-    try:
-        invocation = dg.PipesSubprocessClient().run(
-            command=compute.launch_command(config_path),
-            context=context,
-            env={"PYTHONUNBUFFERED": "1", FAILURE_FILE_ENV: str(failure_file)},
-        )
-    except Exception as error:
-        # The launcher's one line (which worker died, by which signal or exception) instead of
-        # Pipes' "process failed with code 1".
-        if failure_file.exists():
-            raise dg.Failure(description=f"training failed: {failure_file.read_text().strip()}") from error
-        raise
-    reported = invocation.get_materialize_result().metadata or {}
+    reported = launch_training(context, compute, fit, config_path, flywheel.root)
     result = json.loads((run_dir / RESULT_FILE).read_text())
     value = {
         **result,
