@@ -81,12 +81,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def _run_locked(args: argparse.Namespace, flywheel: FlywheelHome) -> None:
     from orchestration.definitions import defs
-    from orchestration.instance import get_instance, process_tags
+    from orchestration.instance import get_instance, process_tags, set_training_slots
     from flywheel.loop import TickFailed, failure_message, recover_abandoned_runs, run_tick
     from training.registry import Registry
     from flywheel.summary import print_tick_summary
 
     instance = get_instance(flywheel.root)
+    set_training_slots(instance, flywheel)
     if args.select:
         import dagster as dg
 

@@ -3,12 +3,14 @@ webserver and daemon, so every run shows up in the UI."""
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import dagster as dg
 
-# Every pool has one slot: DuckDB allows one writer (pool `warehouse`) and training one run at a
-# time (pool `gpu`). Run monitoring frees the slots of runs whose process died.
+# Every pool has one slot: DuckDB allows one writer (pool `warehouse`), and one machine trains one run
+# at a time (pool `gpu`; on a cluster its slots follow the GPUs: `set_training_slots`). Run monitoring
+# frees the slots of runs whose process died.
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
@@ -101,6 +103,20 @@ def fail_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
     return abandoned
 
 
+GPU_POOL = "gpu"
+
+
+def set_training_slots(instance: dg.DagsterInstance, flywheel) -> int:
+    """Give the `gpu` pool as many slots as the project's `compute` settings let trainings run at once
+    (`TrainingCompute.training_slots`); returns them."""
+    from orchestration.resources import TrainingCompute
+    from orchestration.settings import current_settings
+
+    slots = TrainingCompute.model_validate(current_settings(flywheel).get("compute", {})).training_slots()
+    instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
+    return slots
+
+
 def get_instance(flywheel_root: Path) -> dg.DagsterInstance:
     os.environ["DAGSTER_HOME"] = str(dagster_home(flywheel_root))
     return dg.DagsterInstance.get()
@@ -110,4 +126,12 @@ if __name__ == "__main__":
     # `make dev` asks for the instance folder (created with flywheel's dagster.yaml) to export it.
     from orchestration.resources import FlywheelHome
 
-    print(dagster_home(FlywheelHome().root))
+    from orchestration.project import SettingsError
+
+    flywheel = FlywheelHome()
+    with get_instance(flywheel.root) as instance:
+        try:
+            set_training_slots(instance, flywheel)
+        except SettingsError as error:  # the webserver starts anyway and shows the runs' failures
+            print(error, file=sys.stderr)
+    print(dagster_home(flywheel.root))

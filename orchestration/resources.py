@@ -153,6 +153,11 @@ class TrainingCompute(dg.ConfigurableResource):
     gpus_per_worker: float = ComputeConfig.model_fields["gpus_per_worker"]
     max_failures: int = ComputeConfig.model_fields["max_failures"]
     kubernetes: KubernetesPods = Field(default_factory=KubernetesPods, description=ComputeConfig.model_fields["kubernetes"].description)
+    gpus: int | None = Field(
+        None, ge=1, description="GPUs of the cluster that trainings share (launcher ray or kubernetes): the gpu pool then runs "
+        "gpus // (the GPUs one training asks for) trainings at once. Unset, or on one machine (torchrun, where every "
+        "training would use the same devices): one at a time.",
+    )
 
     def processes_per_node(self) -> int:
         if self.launcher == "ray":  # the cluster's workers, not this machine's devices
@@ -187,6 +192,19 @@ class TrainingCompute(dg.ConfigurableResource):
         if self.launcher == "kubernetes":
             config["kubernetes"] = self.kubernetes.model_dump()
         return config
+
+    def gpus_per_training(self) -> float:
+        """The GPUs one training asks the cluster for."""
+        if self.launcher == "ray":
+            return self.workers * self.gpus_per_worker
+        if self.launcher == "kubernetes":
+            return self.num_nodes * self.kubernetes.gpus_per_node
+        return 0.0
+
+    def training_slots(self) -> int:
+        """Slots of the `gpu` pool: trainings that may run at once."""
+        need = self.gpus_per_training()
+        return max(1, int(self.gpus // need)) if self.gpus and need else 1
 
     def launch_command(self, config_path: Path) -> list[str]:
         """The command that runs the training `config_path` describes: torchrun here, or a Ray Train job's driver."""

@@ -58,6 +58,17 @@ def stored_datasets(home: Path, digits_splits: dict) -> dict:
     return datasets
 
 
+@pytest.fixture
+def training_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_splits: dict) -> Path:
+    """A data root whose `ffcv_datasets` is the digits splits (`stored_datasets`), and a Dagster home
+    beside it: for materializing `trained_model` alone."""
+    home = tmp_path / "flywheel"
+    home.mkdir()
+    stored_datasets(home, digits_splits)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    return home
+
+
 def materialize_training(home: Path, compute, config: dict, raise_on_error: bool = True):
     """`trained_model` materialized on `stored_datasets`' value, on `compute` (a TrainingCompute)."""
     import dagster as dg

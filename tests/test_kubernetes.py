@@ -15,7 +15,7 @@ from kubernetes.client import ApiClient, V1Job, V1JobStatus, V1ObjectMeta, V1Pod
 
 from orchestration import kubernetes as launcher
 from orchestration.resources import TrainingCompute
-from tests.conftest import materialize_training, stored_datasets
+from tests.conftest import materialize_training
 from training.config import ComputeConfig, KubernetesConfig
 from training.kubernetes import training_manifests
 
@@ -128,13 +128,8 @@ def on_kubernetes(**pods) -> TrainingCompute:
     return TrainingCompute(accelerator="cpu", launcher="kubernetes", devices="1", num_nodes=2, num_workers=1, kubernetes=PODS | pods)
 
 
-def test_the_asset_trains_on_two_pods_of_the_generated_job(
-    cluster: LocalCluster, digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-):
-    home = tmp_path / "flywheel"
-    home.mkdir()
-    stored_datasets(home, digits_splits)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+def test_the_asset_trains_on_two_pods_of_the_generated_job(cluster: LocalCluster, training_home: Path):
+    home = training_home
 
     result = materialize_training(home, on_kubernetes(), {"epochs": 4, "batch_size": 16, "reference_batch": 32, "width": 16, "recipe": "none", "audit_examples": True})
 
@@ -149,13 +144,8 @@ def test_the_asset_trains_on_two_pods_of_the_generated_job(
     assert value["val_accuracy"] > 0.5, value
 
 
-def test_a_failed_pod_fails_the_asset_in_one_line_naming_the_job(
-    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_splits: dict,
-):
-    home = tmp_path / "flywheel"
-    home.mkdir()
-    stored_datasets(home, digits_splits)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+def test_a_failed_pod_fails_the_asset_in_one_line_naming_the_job(cluster: LocalCluster, training_home: Path):
+    home = training_home
     # Every pod's training refuses its command line and exits with an error.
     original = cluster.create_namespaced_job
 
@@ -170,3 +160,31 @@ def test_a_failed_pod_fails_the_asset_in_one_line_naming_the_job(
     job = cluster.created["Job"]["metadata"]["name"]
     assert any(line.startswith(f"dagster._core.definitions.events.Failure: training Job default/{job} failed: Encountered failed job pods") for line in lines), lines
     assert cluster.deleted == [job]
+
+
+def test_compute_settings_reach_every_job_that_trains_or_ingests_and_the_gpu_pool_follows_the_clusters_gpus(home: Path):
+    import dagster as dg
+
+    from orchestration.definitions import defs
+    from orchestration.instance import GPU_POOL, set_training_slots
+    from orchestration.project import SettingsError
+    from orchestration.resources import FlywheelHome
+    from orchestration.settings import load_settings, run_config
+
+    flywheel = FlywheelHome(home=str(home))
+    compute = {"launcher": "kubernetes", "num_nodes": 2, "devices": "8", "gpus": 40, "kubernetes": PODS | {"gpus_per_node": 8}}
+    flywheel.settings.write_text(json.dumps({"compute": compute, "trained_model": {"epochs": 3}}))
+    settings = load_settings(flywheel.settings)
+    assert run_config(defs.resolve_job_def("retrain"), settings, {})["resources"] == {"compute": {"config": compute}}
+    assert run_config(defs.resolve_job_def("ingest"), settings, {})["resources"] == {"compute": {"config": compute}}
+    assert "resources" not in run_config(defs.resolve_job_def("transform"), settings, {})  # dbt only: no compute
+    with dg.instance_for_test() as instance:
+        assert set_training_slots(instance, flywheel) == 2  # 40 GPUs, 16 per training
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 2
+        flywheel.settings.write_text(json.dumps({"compute": {}}))
+        assert set_training_slots(instance, flywheel) == 1  # one machine: one training at a time
+        assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 1
+
+    flywheel.settings.write_text(json.dumps({"compute": {"launcher": "ray"}}))
+    with pytest.raises(SettingsError, match=r"flywheel.yaml: compute: launcher ray needs ray_address: the cluster's host:port"):
+        load_settings(flywheel.settings)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import materialize_training, stored_datasets
+from tests.conftest import materialize_training
 from orchestration.resources import TrainingCompute
 
 # Global batch 32 in every run (2 workers x 16, or 1 process x 32): the same optimizer steps.
@@ -41,16 +41,11 @@ def on_ray(address: str, **settings) -> TrainingCompute:
 
 
 def test_two_ray_workers_train_disjoint_halves_through_the_asset_as_well_as_one_process(
-    ray_cluster: str, digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    ray_cluster: str, training_home: Path, digits_splits: dict,
 ):
-    homes = {name: tmp_path / name for name in ("ray", "single")}
-    for home in homes.values():
-        home.mkdir()
-        stored_datasets(home, digits_splits)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-
-    on_cluster = materialize_training(homes["ray"], on_ray(ray_cluster), TRAINING | {"audit_examples": True})
-    single = materialize_training(homes["single"], TrainingCompute(accelerator="cpu", devices="1", num_workers=1), TRAINING | {"batch_size": 32})
+    # Two attempts of the same data root: the compute is part of an attempt's name.
+    on_cluster = materialize_training(training_home, on_ray(ray_cluster), TRAINING | {"audit_examples": True})
+    single = materialize_training(training_home, TrainingCompute(accelerator="cpu", devices="1", num_workers=1), TRAINING | {"batch_size": 32})
 
     ray_value, single_value = on_cluster.output_for_node("trained_model"), single.output_for_node("trained_model")
     metadata = on_cluster.asset_materializations_for_node("trained_model")[0].metadata
@@ -60,14 +55,14 @@ def test_two_ray_workers_train_disjoint_halves_through_the_asset_as_well_as_one_
     assert ray_value["val_accuracy"] >= single_value["val_accuracy"] - 0.05, (ray_value, single_value)
     assert ray_value["val_accuracy"] >= 0.85
 
-    audit = homes["ray"] / "checkpoints" / ray_value["attempt"] / "audit"
+    audit = training_home / "checkpoints" / ray_value["attempt"] / "audit"
     rank0, rank1 = (json.loads((audit / f"rank{rank}.json").read_text()) for rank in (0, 1))
     train_digests = Counter(hashlib.sha1(image.tobytes()).hexdigest() for image in digits_splits["images"]["train"])
     repeated = {digest for digest, count in train_digests.items() if count > 1}  # identical scans may fall to either worker
     assert len(rank0) == len(rank1) >= 190  # each worker a half of the 400 training images
     assert not (set(rank0) & set(rank1)) - repeated
     assert set(rank0) | set(rank1) <= set(train_digests)
-    fit_config = json.loads((homes["ray"] / "checkpoints" / ray_value["attempt"] / "fit_config.json").read_text())
+    fit_config = json.loads((training_home / "checkpoints" / ray_value["attempt"] / "fit_config.json").read_text())
     assert fit_config["compute"]["launcher"] == "ray" and fit_config["compute"]["workers"] == 2
 
 
@@ -75,13 +70,8 @@ def ray_train_workers() -> list[psutil.Process]:
     return [process for process in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(process.info["cmdline"] or [])]
 
 
-def test_a_killed_worker_is_restarted_by_ray_and_training_resumes_from_the_last_checkpoint(
-    ray_cluster: str, digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-):
-    home = tmp_path / "flywheel"
-    home.mkdir()
-    stored_datasets(home, digits_splits)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+def test_a_killed_worker_is_restarted_by_ray_and_training_resumes_from_the_last_checkpoint(ray_cluster: str, training_home: Path):
+    home = training_home
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
@@ -107,11 +97,8 @@ def test_a_killed_worker_is_restarted_by_ray_and_training_resumes_from_the_last_
     assert value["world_size"] == 2 and value["val_accuracy"] >= 0.85
 
 
-def test_an_unreachable_cluster_fails_the_asset_in_one_line_naming_the_address(digits_splits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    home = tmp_path / "flywheel"
-    home.mkdir()
-    stored_datasets(home, digits_splits)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+def test_an_unreachable_cluster_fails_the_asset_in_one_line_naming_the_address(training_home: Path):
+    home = training_home
     with socket.socket() as unused:  # a port nothing listens on
         unused.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{unused.getsockname()[1]}"

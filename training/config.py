@@ -81,9 +81,9 @@ class ComputeConfig(BaseModel):
     @model_validator(mode="after")
     def _launcher_settings(self) -> "ComputeConfig":
         if self.launcher == "ray" and not self.ray_address:
-            raise ValueError("compute.launcher ray needs compute.ray_address: the cluster's host:port or ray://host:10001")
+            raise ValueError("launcher ray needs ray_address: the cluster's host:port or ray://host:10001")
         if self.launcher == "kubernetes" and not (self.kubernetes.image and self.kubernetes.volume_claim):
-            raise ValueError("compute.launcher kubernetes needs kubernetes.image and kubernetes.volume_claim (the data root's volume)")
+            raise ValueError("launcher kubernetes needs kubernetes.image and kubernetes.volume_claim (the data root's volume)")
         return self
 
 
