@@ -136,3 +136,29 @@ def test_ray_data_measures_a_generated_batch_exactly_as_the_single_machine_path(
     assert on_ray.images.equals(here.images)  # every statistic, bit for bit
     assert on_ray.quarantined.equals(here.quarantined)
     assert on_ray.images.select(pl.col("brightness").std()).item() > 0
+
+
+def test_ray_data_decodes_the_image_stores_packs_into_the_same_cache_as_this_machine(ray_cluster: str, tmp_path: Path):
+    from transforms import warehouse
+    from transforms.images import Preprocessing
+    from transforms.landing import ValidationRules, read_landing_file, validate_batch
+    from transforms.ray_data import decode_on_ray
+    from transforms.simulate import SimulationSpec, simulate_batches
+
+    paths, _ = simulate_batches(tmp_path / "landing", SimulationSpec(batches=2, batch_size=40, drift="rotation", strength=0.5))
+    preprocessing = Preprocessing(resolution=24, resize="center_crop", mode="rgb")
+    with warehouse.connect(tmp_path / "warehouse.duckdb") as connection:
+        for index, path in enumerate(paths):
+            batch = validate_batch(path, read_landing_file(path), ValidationRules(classes=(), max_pixels=10_000), [str(d) for d in range(10)])
+            warehouse.replace_batch(connection, batch, f"{index}" * 64)
+        store = warehouse.image_store(connection)
+        packs = warehouse.packs_to_decode(connection, preprocessing)
+        assert len(packs) == 2
+
+        assert decode_on_ray(ray_cluster, store.root, packs, preprocessing) == 80
+        assert warehouse.packs_to_decode(connection, preprocessing) == []
+        on_ray = {pack: store.decoded_path(pack, preprocessing).read_bytes() for pack, _ in packs}
+        for pack, locations in packs:
+            store.decoded_path(pack, preprocessing).unlink()
+            store.decoded(pack, locations, preprocessing)  # this machine's decoding
+            assert store.decoded_path(pack, preprocessing).read_bytes() == on_ray[pack]

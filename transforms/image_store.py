@@ -102,14 +102,17 @@ class ImageStore:
     def decoded(self, pack: str, locations: pl.DataFrame, preprocessing: Preprocessing) -> PackPixels:
         """Every image of `pack` (`locations`: all its rows, ascending) decoded for `preprocessing`:
         read from the pack's cache file, written first if there is none."""
-        stem = pack.removesuffix(".parquet")
-        path = self.root / f"{stem}.{preprocessing.tag}.npy"
+        path = self.decoded_path(pack, preprocessing)
         if not path.exists():
             self._write_decoded(path, locations, preprocessing)
         pixels = PackPixels(path)
         if len(pixels) != locations.height:
             raise ImageStoreError(f"{path}: holds {len(pixels)} images, the pack {locations.height}; delete the file to decode again")
         return pixels
+
+    def decoded_path(self, pack: str, preprocessing: Preprocessing) -> Path:
+        """The pack's cache file of images decoded for `preprocessing`."""
+        return self.root / f"{pack.removesuffix('.parquet')}.{preprocessing.tag}.npy"
 
     def _write_decoded(self, path: Path, locations: pl.DataFrame, preprocessing: Preprocessing, rows_per_write: int = 64) -> None:
         side = preprocessing.resolution

@@ -1,15 +1,21 @@
-"""Ingestion's per-image work on a Ray cluster: each row group of a landing file is hashed, decoded
-and measured by `transforms.landing.measure_images` (the function the single-machine path runs) as a
-Ray Data task on some node, and only the small per-image results come back. The landing file must
-be on storage every node mounts, as the data root is for training on Ray."""
+"""The per-image work on a Ray cluster, as Ray Data tasks calling the functions the single-machine
+path runs: ingestion's hashing, decoding and statistics (`transforms.landing.measure_images`, a
+landing file's row group per task; only the small per-image results come back), and the decoding
+and resizing into the image store's cache at the training resolution (`ImageStore.decoded`, a pack
+per task). The files are on storage every node mounts, as the data root is for training on Ray."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 
+from transforms.image_store import ImageStore
+from transforms.images import Preprocessing
 from transforms.landing import Measure, Measurements, measure_images, row_group_images
 
 
@@ -33,14 +39,25 @@ def measure_row_group(task: dict, max_pixels: int) -> dict:
     return {"group": task["group"], "measured": measured}
 
 
+@contextmanager
+def connected(address: str) -> Iterator[None]:
+    """This process as a driver of the cluster at `address`, for the block."""
+    import ray
+
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def measure_on_ray(address: str) -> Measure:
     """`validate_batch`'s `measure`, run by Ray Data on the cluster at `address`."""
 
     def measure(path: Path, to_decode: set[int], max_pixels: int) -> Measurements:
         import ray
 
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        try:
+        with connected(address):
             dataset = ray.data.from_items(row_group_tasks(path, to_decode)).map(
                 measure_row_group, fn_kwargs={"max_pixels": max_pixels}, num_cpus=1,
             )
@@ -48,7 +65,25 @@ def measure_on_ray(address: str) -> Measure:
             for row in dataset.iter_rows():
                 measured.update(row["measured"])
             return measured
-        finally:
-            ray.shutdown()
 
     return measure
+
+
+def decode_pack(task: dict, store_root: str, preprocessing: Preprocessing) -> dict:
+    """A Ray Data task: one pack's images decoded and resized into its cache file."""
+    pixels = ImageStore(Path(store_root)).decoded(task["pack"], pl.DataFrame(task["locations"]), preprocessing)
+    return {"pack": task["pack"], "images": len(pixels)}
+
+
+def decode_on_ray(address: str, store_root: Path, packs: list[tuple[str, pl.DataFrame]], preprocessing: Preprocessing) -> int:
+    """Write the decoded caches of `packs` (`warehouse.packs_to_decode`) on the cluster; returns the images decoded."""
+    if not packs:
+        return 0
+    import ray
+
+    tasks = [{"pack": pack, "locations": locations.to_dict(as_series=False)} for pack, locations in packs]
+    with connected(address):
+        dataset = ray.data.from_items(tasks).map(
+            decode_pack, fn_kwargs={"store_root": str(store_root), "preprocessing": preprocessing}, num_cpus=1,
+        )
+        return sum(row["images"] for row in dataset.iter_rows())

@@ -433,6 +433,19 @@ BATCH_INDEX = (
 PACK_LOCATIONS = "SELECT image_pack, image_row, content_hash FROM raw_images WHERE image_pack = $pack ORDER BY image_row"
 
 
+def packs_to_decode(connection: duckdb.DuckDBPyConnection, preprocessing: Preprocessing) -> list[tuple[str, pl.DataFrame]]:
+    """The packs with no cache of their images decoded for `preprocessing` yet, with their locations:
+    the decoding work a Ray cluster can do ahead of the datasets and reports (`transforms.ray_data`)."""
+    store = image_store(connection)
+    packs = [pack for (pack,) in connection.execute(
+        "SELECT DISTINCT image_pack FROM raw_images WHERE image_pack IS NOT NULL ORDER BY image_pack"
+    ).fetchall()]
+    return [
+        (pack, connection.execute(PACK_LOCATIONS, {"pack": pack}).pl())
+        for pack in packs if not store.decoded_path(pack, preprocessing).exists()
+    ]
+
+
 def shard_pixels(
     connection: duckdb.DuckDBPyConnection, split: str, batch_id: str, preprocessing: Preprocessing
 ) -> Records:

@@ -4,7 +4,7 @@ import dagster as dg
 import polars as pl
 
 from orchestration.metadata import markdown_table
-from orchestration.resources import FlywheelHome
+from orchestration.resources import FlywheelHome, TrainingCompute
 from transforms import warehouse
 
 
@@ -16,11 +16,17 @@ from transforms import warehouse
     kinds={"ffcv"},
     pool="warehouse",
 )
-def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> dg.Output[dict]:
+def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome, compute: TrainingCompute) -> dg.Output[dict]:
     from training.data import SPLITS, build_datasets  # heavy: imported by the runs that use it (orchestration/__init__.py)
 
     preprocessing = flywheel.preprocessing
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
+        decoded_on_ray = 0
+        if compute.launcher == "ray":  # the cluster decodes and resizes what no earlier run has, pack by pack
+            from transforms.ray_data import decode_on_ray
+
+            packs = warehouse.packs_to_decode(connection, preprocessing)
+            decoded_on_ray = decode_on_ray(compute.ray_address, warehouse.image_store(connection).root, packs, preprocessing)
         classes = warehouse.stored_classes(connection)
         digests = warehouse.shard_fingerprints(connection)
         missing = [split for split in SPLITS if not any(s == split for s, _ in digests)]
@@ -48,6 +54,7 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome) -> 
             "test_examples": build.manifest["test"]["examples"],
             "shards_written": dg.MetadataValue.int(len(build.written)),
             "examples_encoded": dg.MetadataValue.int(build.encoded),
+            **({"images_decoded_on_ray": dg.MetadataValue.int(decoded_on_ray)} if compute.launcher == "ray" else {}),
             "shards_reused": dg.MetadataValue.int(build.reused),
             "merged": ", ".join(build.merged) or "none (inputs unchanged)",
             "preprocessing": f"{preprocessing.resolution} px, {preprocessing.resize}, {preprocessing.mode}",
