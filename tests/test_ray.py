@@ -162,3 +162,30 @@ def test_ray_data_decodes_the_image_stores_packs_into_the_same_cache_as_this_mac
             store.decoded_path(pack, preprocessing).unlink()
             store.decoded(pack, locations, preprocessing)  # this machine's decoding
             assert store.decoded_path(pack, preprocessing).read_bytes() == on_ray[pack]
+
+
+def test_the_drift_reports_pass_over_a_batch_runs_on_ray_as_on_this_machine(ray_cluster: str, tmp_path: Path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from training.backbones import build_network
+    from training.config import ModelConfig
+    from training.export import export_fp32
+    from training.inference import embed_and_predict, load_classifier, onnx_session, predict_onnx
+    from training.ray_inference import embed_and_score_on_ray
+    from transforms.image_store import PackPixels
+
+    model = ModelConfig(width=8)
+    weights = tmp_path / "weights.safetensors"
+    save_file(build_network(model).state_dict(), weights)
+    onnx_model = export_fp32(load_classifier(weights, model), model.resolution, tmp_path / "model.onnx")
+    np.save(tmp_path / "cache.npy", np.random.default_rng(0).integers(0, 256, (120, 32, 32, 3), dtype=np.uint8))
+    images = PackPixels(tmp_path / "cache.npy")  # as the drift report reads a batch: the image store's cache
+
+    embeddings, logits = embed_and_score_on_ray(ray_cluster, images, weights, model, onnx_model, rows_per_task=50)
+
+    here_embeddings, _ = embed_and_predict(load_classifier(weights, model), images[:])
+    here_logits = predict_onnx(onnx_session(onnx_model), images[:])
+    assert embeddings.shape == here_embeddings.shape == (120, here_embeddings.shape[1]) and logits.shape == (120, 10)
+    np.testing.assert_allclose(embeddings, here_embeddings, rtol=1e-4, atol=1e-5)  # three tasks, back in row order
+    np.testing.assert_allclose(logits, here_logits, rtol=1e-4, atol=1e-5)

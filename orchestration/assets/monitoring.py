@@ -12,7 +12,7 @@ from orchestration.io_manager import stored_values
 from orchestration.metadata import accuracy_text, drift_over_time_png, markdown_image, markdown_table, readable, sample_grid_png
 from orchestration.policy import accuracy_drop
 from orchestration.partitions import batch_partitions
-from orchestration.resources import FlywheelHome
+from orchestration.resources import FlywheelHome, TrainingCompute
 from training.calibration import estimate_accuracy, estimate_error
 from training.card import ModelCard
 from transforms.images import served_preprocessing
@@ -64,7 +64,7 @@ def _reference(flywheel: FlywheelHome, champion: ModelVersion, card: ModelCard, 
     check_specs=DRIFT_CHECK_SPECS,
 )
 def drift_report(
-    context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome,
+    context: dg.AssetExecutionContext, config: DriftConfig, flywheel: FlywheelHome, compute: TrainingCompute,
 ):
     from training.inference import embed_and_predict, load_classifier, predict_onnx  # heavy: imported by the runs that use it (orchestration/__init__.py)
     from training.tracking import log_monitoring
@@ -76,7 +76,6 @@ def drift_report(
     card = champion.card()
     policy = DriftPolicy(config.ks_p_value, config.distance_threshold, config.small_reference, config.dataset_drift_share)
     reference_embeddings, reference_predictions = _reference(flywheel, champion, card, config.reference_rows)
-    network = load_classifier(champion.weights, card.model)
     # The batch's pixels are read from the image store's decoded cache a few hundred at a time:
     # memory does not grow with the batch.
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
@@ -88,9 +87,14 @@ def drift_report(
         reference_samples = warehouse.split_records(
             connection, "train", served_preprocessing(card), batch_ids=card.lineage.training_batches, limit=16,
         ).images[:16]
-        embeddings, _ = embed_and_predict(network, records.images)
         # What is served is the int8 file: its predictions are the ones that count.
-        logits = predict_onnx(champion.inference_session(), records.images)
+        if compute.launcher == "ray":  # the batch's pass over both models runs on the cluster
+            from training.ray_inference import embed_and_score_on_ray
+
+            embeddings, logits = embed_and_score_on_ray(compute.ray_address, records.images, champion.weights, card.model, champion.int8)
+        else:
+            embeddings, _ = embed_and_predict(load_classifier(champion.weights, card.model), records.images)
+            logits = predict_onnx(champion.inference_session(), records.images)
         index = records.index
     predictions = logits.argmax(axis=1)
     features = dataset_drift(reference_stats, current_stats, list(DRIFT_FEATURES), policy)
