@@ -163,7 +163,7 @@ class TrainingCompute(dg.ConfigurableResource):
         if self.launcher == "ray":  # the cluster's workers, not this machine's devices
             return 1
         if self.launcher == "kubernetes":  # the pods' processes: this machine's devices say nothing about them
-            return 1 if self.devices == "auto" else int(self.devices)
+            return (self.kubernetes.gpus_per_node or 1) if self.devices == "auto" else int(self.devices)
         if self.devices != "auto":
             return int(self.devices)
         import torch  # here, not at the top: loading the definitions and the CLI needs no torch

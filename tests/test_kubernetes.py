@@ -178,6 +178,8 @@ def test_compute_settings_reach_every_job_that_trains_or_ingests_and_the_gpu_poo
     assert run_config(defs.resolve_job_def("retrain"), settings, {})["resources"] == {"compute": {"config": compute}}
     assert run_config(defs.resolve_job_def("ingest"), settings, {})["resources"] == {"compute": {"config": compute}}
     assert "resources" not in run_config(defs.resolve_job_def("transform"), settings, {})  # dbt only: no compute
+    auto = TrainingCompute(launcher="kubernetes", num_nodes=2, kubernetes=PODS | {"gpus_per_node": 4})
+    assert auto.compute_config()["devices"] == 4  # devices auto: a process per GPU of the pod
     with dg.instance_for_test() as instance:
         assert set_training_slots(instance, flywheel) == 2  # 40 GPUs, 16 per training
         assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 2
