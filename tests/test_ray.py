@@ -114,7 +114,7 @@ def test_ray_data_measures_a_generated_batch_exactly_as_the_single_machine_path(
     import pyarrow.parquet as pq
 
     from transforms.landing import ValidationRules, read_landing_file, validate_batch
-    from transforms.ray_data import measure_on_ray, row_group_tasks
+    from training.ray_data import measure_on_ray, row_group_tasks
     from transforms.simulate import SimulationSpec, simulate_batches
 
     (simulated,), _ = simulate_batches(tmp_path / "landing", SimulationSpec(batches=1, batch_size=300, drift="blur", strength=0.5))
@@ -142,7 +142,7 @@ def test_ray_data_decodes_the_image_stores_packs_into_the_same_cache_as_this_mac
     from transforms import warehouse
     from transforms.images import Preprocessing
     from transforms.landing import ValidationRules, read_landing_file, validate_batch
-    from transforms.ray_data import decode_on_ray
+    from training.ray_data import decode_on_ray
     from transforms.simulate import SimulationSpec, simulate_batches
 
     paths, _ = simulate_batches(tmp_path / "landing", SimulationSpec(batches=2, batch_size=40, drift="rotation", strength=0.5))

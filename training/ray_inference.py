@@ -30,7 +30,7 @@ def embed_and_score_on_ray(
     """(embeddings, int8 logits) of `images` (a sliceable `[N, R, R, 3]` uint8 store, e.g. `PackPixels`), in their order."""
     import ray
 
-    from transforms.ray_data import connected
+    from training.ray_data import connected
 
     tasks = [{"start": start, "stop": min(start + rows_per_task, len(images))} for start in range(0, len(images), rows_per_task)]
     with connected(address):

@@ -340,7 +340,7 @@ def validate_batch(
 
     Each row gets the first reason that applies; checks that need no decoding run in bulk first, so
     only rows that can still be accepted are decoded, by `measure` (here, or on a Ray cluster:
-    `transforms.ray_data`). Labels (names or indices) become indices of `classes`. `existing` looks
+    `training.ray_data`). Labels (names or indices) become indices of `classes`. `existing` looks
     up ids and image contents that earlier batches already hold.
     """
     batch_id = batch_id_of(path)

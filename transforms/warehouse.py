@@ -435,7 +435,7 @@ PACK_LOCATIONS = "SELECT image_pack, image_row, content_hash FROM raw_images WHE
 
 def packs_to_decode(connection: duckdb.DuckDBPyConnection, preprocessing: Preprocessing) -> list[tuple[str, pl.DataFrame]]:
     """The packs with no cache of their images decoded for `preprocessing` yet, with their locations:
-    the decoding work a Ray cluster can do ahead of the datasets and reports (`transforms.ray_data`)."""
+    the decoding work a Ray cluster can do ahead of the datasets and reports (`training.ray_data`)."""
     store = image_store(connection)
     packs = [pack for (pack,) in connection.execute(
         "SELECT DISTINCT image_pack FROM raw_images WHERE image_pack IS NOT NULL ORDER BY image_pack"

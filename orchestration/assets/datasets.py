@@ -23,7 +23,7 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome, com
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         decoded_on_ray = 0
         if compute.launcher == "ray":  # the cluster decodes and resizes what no earlier run has, pack by pack
-            from transforms.ray_data import decode_on_ray
+            from training.ray_data import decode_on_ray
 
             packs = warehouse.packs_to_decode(connection, preprocessing)
             decoded_on_ray = decode_on_ray(compute.ray_address, warehouse.image_store(connection).root, packs, preprocessing)

@@ -53,7 +53,7 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
     batch_id = context.partition_key
     rules = ingestion_rules(flywheel, config)
     if compute.launcher == "ray":  # the images are decoded and measured by Ray Data tasks on the cluster
-        from transforms.ray_data import measure_on_ray
+        from training.ray_data import measure_on_ray
 
         measure = measure_on_ray(compute.ray_address)
     else:

@@ -2,7 +2,8 @@
 path runs: ingestion's hashing, decoding and statistics (`transforms.landing.measure_images`, a
 landing file's row group per task; only the small per-image results come back), and the decoding
 and resizing into the image store's cache at the training resolution (`ImageStore.decoded`, a pack
-per task). The files are on storage every node mounts, as the data root is for training on Ray."""
+per task). The files are on storage every node mounts, as the data root is for training on Ray.
+Here, not in transforms/: transforms are plain data logic, and Ray is training's dependency (DESIGN.md)."""
 
 from __future__ import annotations
 
