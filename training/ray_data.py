@@ -7,6 +7,7 @@ Here, not in transforms/: transforms are plain data logic, and Ray is training's
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,12 +41,34 @@ def measure_row_group(task: dict, max_pixels: int) -> dict:
     return {"group": task["group"], "measured": measured}
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
+class RayLaunchError(RuntimeError):
+    """A Ray Train job that could not run or did not finish; its message is one line."""
+
+
+def check_reachable(address: str) -> None:
+    """Fail in one line, naming the address, when nothing answers there: `ray.init` would otherwise
+    wait on the connection for minutes before a traceback."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayLaunchError(f"Ray cluster address {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise RayLaunchError(f"Ray cluster at {address} is unreachable: {error.strerror or error}") from None
+
+
 @contextmanager
-def connected(address: str) -> Iterator[None]:
-    """This process as a driver of the cluster at `address`, for the block."""
+def connected(address: str, log_to_driver: bool = False) -> Iterator[None]:
+    """This process as a driver of the cluster at `address`, for the block; an unreachable address
+    fails at once in one line (`RayLaunchError`)."""
     import ray
 
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+
+    check_reachable(address)
+    ray.init(address=address, logging_level="WARNING", log_to_driver=log_to_driver)
     try:
         yield
     finally:

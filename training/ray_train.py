@@ -12,31 +12,12 @@ to `FAILURE_FILE_ENV`'s file too, as the torchrun launcher does."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 from training.config import RESULT_FILE, FitConfig
 from training.distributed_run import FAILURE_FILE_ENV, entry_config
-
-CONNECT_TIMEOUT_S = 5.0
-
-
-class RayLaunchError(RuntimeError):
-    """A Ray Train job that could not run or did not finish; its message is one line."""
-
-
-def check_reachable(address: str) -> None:
-    """Fail in one line, naming the address, when nothing answers there: `ray.init` would otherwise
-    wait on the connection for minutes before a traceback."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise RayLaunchError(f"Ray cluster address {address!r} is not host:port or ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        raise RayLaunchError(f"Ray cluster at {address} is unreachable: {error.strerror or error}") from None
-
+from training.ray_data import RayLaunchError, connected
 
 def train_worker(payload: dict) -> None:
     """One Ray Train worker: `fit` with Ray's placement, from Ray's latest checkpoint after a restart."""
@@ -65,14 +46,12 @@ def train_on_ray(config: FitConfig, log=lambda message: print(message, file=sys.
     """Run the training on the cluster; returns rank 0's result (`result.json`)."""
     import json
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+
     compute = config.compute
-    check_reachable(compute.ray_address)
-    ray.init(address=compute.ray_address, logging_level="WARNING", log_to_driver=True)
-    try:
+    with connected(compute.ray_address, log_to_driver=True):
         resources = {"CPU": compute.cpus_per_worker} | ({"GPU": compute.gpus_per_worker} if compute.gpus_per_worker else {})
         log(f"Ray Train on {compute.ray_address}: {compute.workers} workers of {resources}, up to {compute.max_failures} restarts")
         trainer = TorchTrainer(
@@ -96,8 +75,6 @@ def train_on_ray(config: FitConfig, log=lambda message: print(message, file=sys.
             raise RayLaunchError(
                 f"Ray Train job on {compute.ray_address} failed after {compute.max_failures} restart(s): {first.strip()}"
             ) from None
-    finally:
-        ray.shutdown()
     return json.loads((config.run_dir / RESULT_FILE).read_text())
 
 

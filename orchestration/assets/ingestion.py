@@ -10,6 +10,7 @@ from orchestration.resources import FlywheelHome, TrainingCompute
 from transforms import warehouse
 from transforms.classes import ClassesError, resolve_classes
 from transforms.labels import label_files_signature, read_label_files
+from training.ray_data import RayLaunchError
 from transforms.landing import (
     LandingFileError, ValidationRules, declared_classes, file_sha256, ingestion_fingerprint, measure_landing_file,
     read_landing_file, validate_batch,
@@ -77,8 +78,8 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestConfig, flywhe
                 path, frame, rules, classes, lambda ids, hashes: warehouse.existing_keys(connection, batch_id, ids, hashes), measure,
             )
             counts = warehouse.replace_batch(connection, batch, fingerprint)
-    except (LandingFileError, ClassesError, SettingsError) as error:
-        # The file is unusable as a whole: fail this partition only, touching nothing stored.
+    except (LandingFileError, ClassesError, SettingsError, RayLaunchError) as error:
+        # The file is unusable as a whole (or the cluster that would measure it is unreachable): fail this partition only, touching nothing stored.
         raise dg.Failure(description=str(error), allow_retries=False) from None
 
     for message in batch.quarantined["message"].head(20):
