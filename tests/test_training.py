@@ -144,6 +144,12 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(digits_splits: dict,
     assert result.resumed_from_step == killed_at
     assert result.global_step == 30 * 8  # 400 examples / 50 per batch = 8 steps per epoch
     assert result.val_accuracy > 0.5
+    # last.ckpt is the last epoch's, not the best one's: the finished attempt, launched again (a job
+    # retried after its export failed), trains no further step and keeps the same best weights.
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 30 * 8
+    again = fit(config)
+    assert again.resumed_from_step == again.global_step == 30 * 8
+    assert again.best_checkpoint == result.best_checkpoint and again.val_accuracy == result.val_accuracy
 
 
 def test_metrics_per_class_confusion_and_slices():

@@ -1,7 +1,7 @@
 """The training entry point: `fit(config)` returns its metrics; `python -m training.fit CONFIG.json`
 is what torchrun runs on every rank. Rank 0 reports to Dagster through Pipes when launched by it.
 
-A training attempt lives in `config.run_dir`: checkpoints every epoch (`last.ckpt` included), the
+A training attempt lives in `config.run_dir`: `last.ckpt` rewritten every epoch and the best epoch's, the
 best weights as safetensors, and `result.json`. Launching the same attempt again resumes from
 `last.ckpt` instead of starting over.
 """
@@ -256,9 +256,14 @@ def fit(
         auto_insert_metric_name=False,
         monitor="val/accuracy",
         mode="max",
-        save_last=True,
         save_top_k=1,
         every_n_epochs=1,
+    )
+    # Its own callback, after the best's (so it holds the best's state of the same epoch): Lightning's
+    # save_last beside a monitor rewrites last.ckpt only in epochs that improve the monitor, and a
+    # resumed or re-launched finished attempt would then train again from its best epoch.
+    last_checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False,
     )
     precision = resolve_precision(config.compute)
     timer = StepTimer()
@@ -271,7 +276,7 @@ def fit(
         precision=precision,
         max_epochs=config.optim.epochs,
         logger=logger,
-        callbacks=[checkpoints, timer, EpochReporter(log), *recipe_callbacks(config)]
+        callbacks=[checkpoints, last_checkpoint, timer, EpochReporter(log), *recipe_callbacks(config)]
         + ([ExampleAudit(config.run_dir / "audit")] if config.audit_examples else []) + launcher_callbacks + list(callbacks),
         use_distributed_sampler=False,  # FFCV shards the data itself (distributed=True)
         enable_progress_bar=sys.stderr.isatty(),
