@@ -99,6 +99,34 @@ def test_the_recipe_search_runs_once_per_architecture_and_machine(
     assert chosen.recipe == best.recipe and chosen.passed_accuracy_gate and not trials[0].passed_accuracy_gate
 
 
+def test_the_search_chooses_within_the_export_gates_size_limit(exported, digits_splits: dict, tmp_path: Path):
+    """The fastest recipe that keeps the accuracy may be too big for the export gate (per-channel scales
+    weigh more in a small network's file); the search then takes the fastest that passes both limits."""
+    folder, searched = exported
+    fp32_bytes = (folder / "model.onnx").stat().st_size
+    keeping = sorted((t for t in searched.recipe_trials if t.passed_accuracy_gate), key=lambda t: t.latency_ms_batch64)
+    fastest = keeping[0]
+    smaller = min((t for t in keeping if t.bytes < fastest.bytes), key=lambda t: t.latency_ms_batch64, default=None)
+    if smaller is None:
+        fastest, smaller = max(keeping, key=lambda t: t.bytes), min(keeping, key=lambda t: t.bytes)
+    limit = (smaller.bytes + fastest.bytes) / 2 / fp32_bytes  # the smaller one passes, the other does not
+    recipes = (RECIPES_BY_NAME[fastest.recipe], RECIPES_BY_NAME[smaller.recipe])
+    test = digits_test(digits_splits)
+    chosen, trials, did_search = choose_int8(
+        folder / "model.onnx", digits_splits["images"]["val"], test, searched.fp32_accuracy, 1.0, tmp_path / "a.int8.onnx",
+        recipes=recipes, max_size_ratio=limit,
+    )
+    assert did_search and chosen.recipe == smaller.recipe and chosen.within_size_limit
+    assert [t.within_size_limit for t in trials] == [False, True]
+    assert (tmp_path / "a.int8.onnx").stat().st_size == chosen.bytes <= limit * fp32_bytes
+    # A remembered ranking is held to the same limit: its too-big head is passed over, not chosen.
+    chosen, trials, did_search = choose_int8(
+        folder / "model.onnx", digits_splits["images"]["val"], test, searched.fp32_accuracy, 1.0, tmp_path / "b.int8.onnx",
+        remembered=list(recipes), max_size_ratio=limit,
+    )
+    assert not did_search and chosen.recipe == smaller.recipe and [t.recipe for t in trials] == [fastest.recipe, smaller.recipe]
+
+
 def test_calibration_takes_a_bounded_sample_balanced_over_the_classes(digits_splits: dict):
     labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
     chosen = calibration_indices(labels, 60)

@@ -250,16 +250,18 @@ def quantize_int8(fp32_path: Path, calibration_images: np.ndarray, path: Path,
 
 def _trial(
     fp32_path: Path, calibration_images: np.ndarray, test: TestSet, timing_images: np.ndarray,
-    recipe: QuantizationRecipe, fp32_accuracy: float, max_accuracy_drop: float, path: Path,
+    recipe: QuantizationRecipe, fp32_accuracy: float, max_accuracy_drop: float, max_size_ratio: float | None, path: Path,
 ) -> tuple[RecipeTrial, Path]:
     candidate = path.with_name(f".{path.stem}.{recipe.name}.onnx")
     quantize_int8(fp32_path, calibration_images, candidate, recipe)
     session = onnx_session(candidate)
     (logits,) = test.logits(lambda images: predict_onnx(session, images))
     accuracy = test.accuracy(logits)
+    size = candidate.stat().st_size
     trial = RecipeTrial(
         recipe.name, accuracy, onnx_latency_ms(session, timing_images, batch_size=64, runs=5),
-        candidate.stat().st_size, fp32_accuracy - accuracy <= max_accuracy_drop + 1e-9,
+        size, fp32_accuracy - accuracy <= max_accuracy_drop + 1e-9,
+        max_size_ratio is None or size <= max_size_ratio * fp32_path.stat().st_size,
     )
     return trial, candidate
 
@@ -267,28 +269,32 @@ def _trial(
 def choose_int8(
     fp32_path: Path, calibration_images: np.ndarray, test: TestSet, fp32_accuracy: float,
     max_accuracy_drop: float, path: Path, recipes: tuple[QuantizationRecipe, ...] = CANDIDATE_RECIPES,
-    remembered: list[QuantizationRecipe] | None = None,
+    remembered: list[QuantizationRecipe] | None = None, max_size_ratio: float | None = None,
 ) -> tuple[RecipeTrial, list[RecipeTrial], bool]:
     """Keep, at `path`, the fastest int8 recipe (batch 64, on this machine) whose test accuracy is
-    within `max_accuracy_drop` of fp32's: the first of the `remembered` ranking that keeps the accuracy
-    (of its first REMEMBERED_TRIES), else the best of a search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
+    within `max_accuracy_drop` of fp32's and whose file is at most `max_size_ratio` of fp32's (the
+    export gate's limits: per-channel scales make a small network's file relatively larger): the first
+    of the `remembered` ranking that passes both (of its first REMEMBERED_TRIES), else the best of a
+    search over every recipe. Returns (the chosen trial, all trials, whether it searched)."""
     timing_images = test.first_images(64)
     if timing_images[0].nbytes * len(test.labels) <= SEARCH_TEST_BYTES:
         test = test.in_memory()
     arguments = (fp32_path, calibration_images, test, timing_images)
+    limits = (fp32_accuracy, max_accuracy_drop, max_size_ratio, path)
     tried = []
     for recipe in (remembered or [])[:REMEMBERED_TRIES]:
-        trial, candidate = _trial(*arguments, recipe, fp32_accuracy, max_accuracy_drop, path)
+        trial, candidate = _trial(*arguments, recipe, *limits)
         tried.append(trial)
-        if trial.passed_accuracy_gate:
+        if trial.acceptable:
             os.replace(candidate, path)
             return trial, tried, False
         candidate.unlink(missing_ok=True)
-    results = [_trial(*arguments, recipe, fp32_accuracy, max_accuracy_drop, path) for recipe in recipes]
-    passing = [result for result in results if result[0].passed_accuracy_gate]
-    # When nothing keeps the accuracy, the most accurate is kept and the export gate says no.
+    results = [_trial(*arguments, recipe, *limits) for recipe in recipes]
+    passing = [result for result in results if result[0].acceptable]
+    # When no recipe passes both limits, the most accurate is kept and the export gate says no.
     chosen, chosen_path = (
-        min(passing, key=lambda r: r[0].latency_ms_batch64) if passing else max(results, key=lambda r: r[0].accuracy)
+        min(passing, key=lambda r: r[0].latency_ms_batch64) if passing
+        else max(results, key=lambda r: (r[0].passed_accuracy_gate, r[0].accuracy, -r[0].bytes))
     )
     os.replace(chosen_path, path)
     for _, other in results:
@@ -297,13 +303,13 @@ def choose_int8(
 
 
 def passing_ranking(trials: list[RecipeTrial]) -> list[str]:
-    """The recipes that kept the accuracy, fastest first: what the next export tries, in order."""
-    return [trial.recipe for trial in sorted(trials, key=lambda t: t.latency_ms_batch64) if trial.passed_accuracy_gate]
+    """The recipes that passed the limits, fastest first: what the next export tries, in order."""
+    return [trial.recipe for trial in sorted(trials, key=lambda t: t.latency_ms_batch64) if trial.acceptable]
 
 
 def export_candidate(
     network: Classifier, resolution: int, calibration_images: np.ndarray, test: TestSet,
-    directory: Path, max_accuracy_drop: float, recipe_memory: RecipeMemory | None = None,
+    directory: Path, max_accuracy_drop: float, recipe_memory: RecipeMemory | None = None, max_size_ratio: float | None = None,
 ) -> ExportReport:
     """fp32 ONNX and the fastest int8 recipe that keeps accuracy, in `directory`, with parity (the
     largest |torch logit - ONNX logit| on the test images) and the test accuracy of each file. With
@@ -315,9 +321,9 @@ def export_candidate(
     key = recipe_memory.key(fp32) if recipe_memory else ""
     chosen, trials, searched = choose_int8(
         fp32, calibration_images, test, fp32_accuracy, max_accuracy_drop, directory / "model.int8.onnx",
-        remembered=recipe_memory.recall(key) if recipe_memory else None,
+        remembered=recipe_memory.recall(key) if recipe_memory else None, max_size_ratio=max_size_ratio,
     )
-    if recipe_memory and searched and chosen.passed_accuracy_gate:
+    if recipe_memory and searched and chosen.acceptable:
         recipe_memory.remember(key, passing_ranking(trials))
     int8 = directory / "model.int8.onnx"
     return ExportReport(

@@ -29,6 +29,12 @@ class RecipeTrial:
     latency_ms_batch64: float
     bytes: int
     passed_accuracy_gate: bool
+    within_size_limit: bool = True  # the export gate's max_size_ratio (cards written before it had none)
+
+    @property
+    def acceptable(self) -> bool:
+        """Passes the export gate's accuracy and size limits: a recipe the search may choose."""
+        return self.passed_accuracy_gate and self.within_size_limit
 
 
 @dataclass(frozen=True)

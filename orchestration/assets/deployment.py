@@ -123,6 +123,7 @@ def _export_and_publish(
     staging = registry.staging_dir(context.run_id)
     report = export_candidate(
         network, model_config.resolution, calibration_images, test, staging, config.max_accuracy_drop, RecipeMemory(int8_recipes),
+        config.max_size_ratio,
     )
     passed, reasons = export_gate(report, config.policy())
     # The model users get is the int8 file: it faces the champion's int8 file by the evaluation gate's rules.
