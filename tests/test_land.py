@@ -216,6 +216,19 @@ def test_folder_problems_are_named_one_line_each_and_the_good_images_land(home: 
     assert capsys.readouterr().err.strip().startswith(f"flywheel land: {empty}: no images found (")
 
 
+def test_class_folders_named_in_any_script_land_under_their_composed_names(home: Path, tmp_path: Path, capsys):
+    source = tmp_path / "photos"
+    names = {"cafe\u0301": "café", "猫": "猫", "Straße 2": "Straße 2"}  # the first decomposed, as macOS writes it
+    for index, folder in enumerate([*names, "wedge ▲"]):
+        (source / folder).mkdir(parents=True)
+        (source / folder / "a.png").write_bytes(photo((40 * index, 90, 200), random.Random(index), "PNG"))
+    assert run_cli("land", str(source)) == 1
+    err = capsys.readouterr().err
+    assert f"skipped: {source / 'wedge ▲'}: class name 'wedge ▲' is not allowed" in err
+    assert sorted(landed(home)["label"]) == sorted(names.values())
+    assert sorted(declared_classes(next((home / "landing").glob("*.parquet")))) == sorted(names.values())
+
+
 def test_an_unknown_class_name_is_quarantined_with_how_to_add_it_and_adding_it_ingests_it(home: Path, tmp_path: Path, capsys):
     (home / "flywheel.yaml").write_text(yaml.safe_dump({"classes": ["cat", "dog"]}))
     source = image_folder(tmp_path / "photos", per_class=3)  # cat, dog and golden retriever

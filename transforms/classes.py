@@ -16,11 +16,14 @@ quarantined as `unknown_class`, with a message that says how to add it.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import polars as pl
 
 DIGITS_CLASSES = tuple(str(index) for index in range(10))
-CLASS_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]{0,63}")
+# Letters and digits of any script (`\w` is Unicode's in a str pattern): "café", "Straße", "猫" are
+# class names; symbols, quotes and path separators are not.
+CLASS_NAME_PATTERN = re.compile(r"[^\W_][\w .+-]{0,63}")
 CLASS_NAME_RULE = "1-64 letters, digits, spaces and _ . + -, starting with a letter or digit"
 INDEX_PATTERN = r"^\d{1,9}$"
 
@@ -31,6 +34,12 @@ class ClassesError(Exception):
 
 def class_name_problem(name: str) -> str | None:
     return None if CLASS_NAME_PATTERN.fullmatch(name) else f"class name {name!r} is not allowed ({CLASS_NAME_RULE})"
+
+
+def folder_class_name(folder_name: str) -> str:
+    """A class folder's name as a class name: NFC, as typed. macOS writes names decomposed ("e" and a
+    combining accent), which would otherwise be another class than the "é" of a manifest or flywheel.yaml."""
+    return unicodedata.normalize("NFC", folder_name)
 
 
 def resolve_classes(

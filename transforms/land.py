@@ -33,7 +33,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from transforms.classes import class_name_problem
+from transforms.classes import class_name_problem, folder_class_name
 from transforms.images import IMAGE_SUFFIXES
 from transforms.landing import ROW_GROUP_BYTES, LandingFileWriter, check_batch_id, landed_files
 
@@ -93,12 +93,13 @@ def folder_items(source: Path, labels: Labels, problems: list[str]) -> Iterator[
             problems.append(f"{entry.path}: not inside a class folder, so it has no label: skipped (SOURCE/<class>/<image>)")
         if not entry.is_dir(follow_symlinks=False):
             continue
-        problem = class_name_problem(entry.name)
+        name = folder_class_name(entry.name)
+        problem = class_name_problem(name)
         if problem:
             problems.append(f"{entry.path}: {problem}: its images were skipped; rename the folder")
             continue
         for path in _images_under(Path(entry.path)):
-            yield SourceItem(str(path), str(path), label=entry.name, captured_at=_mtime(path))
+            yield SourceItem(str(path), str(path), label=name, captured_at=_mtime(path))
 
 
 def _mtime(path: Path) -> datetime:
