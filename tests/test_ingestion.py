@@ -167,14 +167,19 @@ def test_late_labels_attach_through_dbt_and_the_split_never_moves(home: Path):
     assert query(home, "SELECT DISTINCT label_source FROM training_examples") == [("label_file",)]
 
 
-def test_landing_sensor_requests_each_new_or_changed_file_until_it_is_ingested(home: Path):
+def test_landing_sensor_requests_each_new_or_changed_file_until_it_is_ingested(home: Path, monkeypatch: pytest.MonkeyPatch):
+    from orchestration import sensors
     from orchestration.definitions import defs
+
+    # A settle window no evaluation outlasts: beside another test file an evaluation once took longer
+    # than the default 5 s between writing the unsettled file and reading the clock.
+    monkeypatch.setattr(sensors, "SETTLE_SECONDS", 300.0)
 
     resources = resources_for(home)
     instance = dg.DagsterInstance.ephemeral()
     landed, _ = simulate_batches(home / "landing", SimulationSpec(batches=5, batch_size=5))
     (home / "landing" / "bad name!.parquet").write_bytes(b"")
-    old = time.time() - 60
+    old = time.time() - 600  # settled: older than the settle window
     for path in landed:
         os.utime(path, (old, old))
 
