@@ -34,7 +34,7 @@ def test_decodes_every_supported_mode_and_format_to_rgb(mode: str, fmt: str):
         (b"definitely not an image", "undecodable_image"),
         (encode(Image.new("L", (8, 8)), "PNG")[:30], "undecodable_image"),
         (encode(Image.new("RGB", (8, 8)), "PPM"), "unsupported_format"),
-        (encode(Image.new("I;16", (8, 8)), "PNG"), "unsupported_mode"),
+        (encode(Image.new("F", (8, 8)), "TIFF"), "unsupported_mode"),  # float pixels: no range to map from
         (encode(Image.new("L", (200, 200)), "PNG"), "image_too_large"),
     ],
 )
@@ -42,6 +42,15 @@ def test_rejects_bad_images_with_a_reason(data, reason):
     with pytest.raises(ImageRejected) as rejected:
         decode_image(data, max_pixels=100 * 100)
     assert rejected.value.reason == reason
+
+
+def test_a_16_bit_scan_is_mapped_onto_8_bits_over_its_full_range():
+    ramp = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(3, axis=0)  # 3 rows of a ramp
+    for fmt in ("PNG", "TIFF"):
+        decoded = decode_image(encode(Image.fromarray(ramp), fmt), max_pixels=10_000, to="L")
+        assert decoded.mode.startswith("I") and (decoded.width, decoded.height) == (4, 3)
+        assert decoded.pixels.tolist() == [[0, 1, 128, 255]] * 3
+        assert decode_image(encode(Image.fromarray(ramp), fmt), max_pixels=10_000).pixels.shape == (3, 4, 3)
 
 
 def test_a_photo_is_turned_upright_by_its_exif_orientation():

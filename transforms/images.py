@@ -21,7 +21,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Photographs and scans as cameras, phones and scanners write them; a GIF counts by its first frame.
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
-SUPPORTED_MODES = frozenset({"L", "LA", "RGB", "RGBA", "P", "PA", "CMYK"})
+# 16-bit grayscale (scans, microscopy, medical and scientific cameras: PNG and TIFF), in PIL's names;
+# "I" is how PIL opens some of them. Mapped onto 8 bits over the full 16-bit range.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+SUPPORTED_MODES = frozenset({"L", "LA", "RGB", "RGBA", "P", "PA", "CMYK"}) | SIXTEEN_BIT_MODES
 # File names taken for images of those formats (by `flywheel land` and `flywheel predict`).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -97,6 +100,8 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB", fit_pixel
                 raise _too_large(width, height, max_pixels)
             landed_format, landed_mode = image.format, image.mode
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if image.mode in SIXTEEN_BIT_MODES:
+                image = _eight_bit(ImageOps.exif_transpose(image))  # upright first: the 8-bit copy has no EXIF
             if fit_pixels and width * height > fit_pixels:
                 scale = (fit_pixels / (width * height)) ** 0.5
                 target = (max(1, int(width * scale)), max(1, int(height * scale)))
@@ -118,6 +123,12 @@ def decode_image(data: bytes | None, max_pixels: int, to: str = "RGB", fit_pixel
 
 
 EXIF_ORIENTATION = 0x0112
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale as 8-bit "L", 0..65535 onto 0..255 (PIL's own convert clips at 255 instead)."""
+    values = np.asarray(image).astype(np.int32).clip(0, 65535)
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> ImageRejected:
