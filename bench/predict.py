@@ -52,7 +52,7 @@ def publish_champion(home: Path, rgb: np.ndarray, labels: np.ndarray, epochs: in
     test = TestSet.of_arrays(rgb[cuts["test"]], labels[cuts["test"]])
     registry = Registry(home / "registry")
     staging = registry.staging_dir("bench")
-    report = export_candidate(network, model.resolution, rgb[cuts["val"]], test, staging, ExportConfig().max_accuracy_drop)
+    report = export_candidate(network, model.resolution, rgb[cuts["val"]], test, staging, ExportConfig().policy())
     passed, reasons = export_gate(report, ExportConfig().policy())
     policy = GateConfig().policy()
     evaluation = evaluate_models(test, lambda images: predict_torch(network, images), None, model.num_classes, policy, "fp32")

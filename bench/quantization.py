@@ -49,11 +49,11 @@ def main() -> None:
         memory = RecipeMemory(root / "int8_recipes.json")
         started = time.perf_counter()
         test = TestSet.of_arrays(test_images, test_labels)
-        report = export_candidate(network, 32, rgb[cuts["val"]], test, root, ExportConfig().max_accuracy_drop, memory)
+        report = export_candidate(network, 32, rgb[cuts["val"]], test, root, ExportConfig().policy(), memory)
         search_seconds = time.perf_counter() - started
         (root / "again").mkdir()
         started = time.perf_counter()
-        again = export_candidate(network, 32, rgb[cuts["val"]], test, root / "again", ExportConfig().max_accuracy_drop, memory)
+        again = export_candidate(network, 32, rgb[cuts["val"]], test, root / "again", ExportConfig().policy(), memory)
         remembered_seconds = time.perf_counter() - started
         assert report.int8_recipe_searched and not again.int8_recipe_searched and again.int8_recipe == report.int8_recipe
 

@@ -104,7 +104,7 @@ def measure(backbone: str, folder: Path, splits: dict, budget_s: float, recipe: 
     accuracy = test.accuracy(test.logits(lambda images: predict_torch(network, images))[0])
     exported = folder / backbone
     exported.mkdir()
-    report = export_candidate(network, 32, splits["val"][0][:512], test, exported, ExportConfig().max_accuracy_drop)
+    report = export_candidate(network, 32, splits["val"][0][:512], test, exported, ExportConfig().policy())
     chosen = next(trial for trial in report.recipe_trials if trial.recipe == report.int8_recipe)
     return {
         "backbone": backbone,

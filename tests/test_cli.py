@@ -30,7 +30,7 @@ def champion(home: Path, trained_weights: Path, digits_splits: dict) -> Path:
     staging = registry.staging_dir("test")
     network = load_classifier(trained_weights, ModelConfig(width=32))
     test = evaluate.TestSet.of_arrays(digits_splits["images"]["test"], digits_splits["labels"]["test"])
-    report = export_candidate(network, 32, digits_splits["images"]["val"], test, staging, ExportConfig().max_accuracy_drop)
+    report = export_candidate(network, 32, digits_splits["images"]["val"], test, staging, ExportConfig().policy())
     shutil.copyfile(trained_weights, staging / WEIGHTS_FILE)
     card = model_card(resolution=32, training_batches=("a",), test_accuracy=report.fp32_accuracy)
     version = registry.publish(staging, card)

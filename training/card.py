@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from training.calibration import Calibration
 from training.config import AugmentConfig, ModelConfig, OptimConfig
 from training.gate import GateDecision
-from training.results import ExportGatePolicy, ExportReport, Metrics, RecipeTrial
+from training.results import ExportGatePolicy, ExportReport, Int8Drop, Metrics, RecipeTrial
 
 
 class InputSpec(BaseModel, frozen=True):
@@ -65,6 +65,7 @@ class ExportSummary(BaseModel, frozen=True):
     # False when the recipe remembered for this architecture and machine was reused without a search.
     int8_recipe_searched: bool = True
     settings: ExportGatePolicy
+    int8_drop: Int8Drop | None = None  # the int8 file against fp32 on the test images (cards written before it had none)
 
 
 class GateVerdict(BaseModel, frozen=True):
@@ -155,6 +156,7 @@ def build_card(
             int8_recipe_trials=report.recipe_trials,
             int8_recipe_searched=report.int8_recipe_searched,
             settings=export_settings,
+            int8_drop=report.int8_drop,
         ),
         gates=CardGates(evaluation=evaluation_gate, export=export_gate, served=served_gate),
         lineage=lineage,

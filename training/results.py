@@ -23,13 +23,33 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Int8Drop:
+    """An int8 file against its fp32 file on the same test images: the images only one of them gets
+    right, and the one-sided lower confidence bound of the accuracy int8 loses, at the export gate's level."""
+
+    examples: int
+    only_fp32_right: int
+    only_int8_right: int
+    lower_bound: float
+
+    @property
+    def drop(self) -> float:
+        return (self.only_fp32_right - self.only_int8_right) / self.examples if self.examples else 0.0
+
+    def within(self, max_drop: float) -> bool:
+        """Not significantly more than `max_drop`."""
+        return self.lower_bound <= max_drop + 1e-9
+
+
+@dataclass(frozen=True)
 class RecipeTrial:
     recipe: str
     accuracy: float
     latency_ms_batch64: float
     bytes: int
-    passed_accuracy_gate: bool
+    passed_accuracy_gate: bool  # its drop against fp32 is not significantly above the limit
     within_size_limit: bool = True  # the export gate's max_size_ratio (cards written before it had none)
+    drop: Int8Drop | None = None  # (cards written before it had none)
 
     @property
     def acceptable(self) -> bool:
@@ -49,6 +69,7 @@ class ExportReport:
     int8_recipe: str
     recipe_trials: list[RecipeTrial]
     int8_recipe_searched: bool  # False: the recipe remembered for this architecture and machine was reused
+    int8_drop: Int8Drop | None = None  # the chosen recipe's (cards written before it had none)
 
     @property
     def size_ratio(self) -> float:
@@ -63,9 +84,10 @@ class ExportReport:
 class ExportGatePolicy:
     """The export gate's limits; their defaults live in `orchestration.assets.deployment.ExportConfig`."""
 
-    max_accuracy_drop: float  # int8 may lose at most this much top-1 accuracy against fp32
+    max_accuracy_drop: float  # int8 may lose at most this much top-1 accuracy against fp32 ...
     max_size_ratio: float  # int8 file at most this fraction of the fp32 file
     max_parity_diff: float  # largest |torch logit - ONNX fp32 logit|
+    level: float = 0.05  # ... refused when its drop is above that at this one-sided significance level
 
 
 @dataclass(frozen=True)
