@@ -152,7 +152,8 @@ class RetrainingDecision:
 
 def training_mode(champion_card: ModelCard | None, policy: RetrainingPolicy, code: str, scheduled: bool) -> tuple[str, str]:
     """(trained_model's mode, why) for a retraining the policy launches. The training itself falls back
-    to full when the champion's network or recipe differs from its own (`training_plan`)."""
+    to full when the champion's network or recipe differs from its own, or when a full retraining would
+    train fewer examples (`training_plan`)."""
     if not policy.incremental:
         return "full", "retraining.incremental is off"
     if champion_card is None:

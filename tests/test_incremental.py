@@ -83,6 +83,20 @@ def test_an_incremental_training_falls_back_to_full_when_the_champion_cannot_be_
     assert "every batch" in plan(config, datasets={"splits": {"train": {**datasets["splits"]["train"], "batches": ["a", "b"]}}}).reason
     grown = training_plan(config, champion, config.model(11, 8, tmp_path), datasets)
     assert grown.mode == "full" and "num_classes" in grown.reason
+    # A young history: 30 new rows twice and 60 replayed, 120 per epoch x 10 epochs, are cheaper than all
+    # 230 x 16 epochs; with the incremental epochs as many as the full ones, and three new rows per old one,
+    # fine-tuning would train more than the full retraining, which is chosen.
+    assert incremental.selection.indices.size * 10 < 230 * 16
+    equal_epochs = config.model_copy(update={"epochs": 10, "incremental_epochs": 10})
+    assert plan(equal_epochs).mode == "incremental"  # 1,200 against 2,300
+    young = {"splits": {"train": {"index": str(write_index(tmp_path / "young.index.parquet", {"a": [0, 1] * 20, "c": [0, 1, 2] * 30})),
+                                  "batches": ["a", "c"], "examples": 130}}}
+    (tmp_path / "young").mkdir()
+    (tmp_path / "young" / "card.json").write_text(model_card(training_batches=("a",)).model_dump_json())
+    costly = plan(equal_epochs, champion=ModelVersion("v0001", tmp_path / "young"), datasets=young)
+    assert costly.mode == "full" and costly.selection is None, costly.reason
+    assert "would train 2,200 examples (220 per epoch x 10: the new batches' 90 x2 and 40 replayed) against a full " \
+        "retraining's 1,300 (130 x 10)" in costly.reason
 
 
 def test_the_trainer_reads_only_the_rows_an_incremental_retraining_chose(digits_splits: dict, tmp_path: Path):

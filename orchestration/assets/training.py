@@ -150,9 +150,9 @@ class TrainingPlan:
 
 
 def training_plan(config: TrainingConfig, champion: ModelVersion | None, model: ModelConfig, ffcv_datasets: dict) -> TrainingPlan:
-    """An incremental retraining when it was asked for and the champion can be fine-tuned into this
-    training's model: the same network and recipe, and batches of the training split it has not seen.
-    Otherwise a full one, and why."""
+    """An incremental retraining when it was asked for, the champion can be fine-tuned into this
+    training's model (the same network and recipe, and batches of the training split it has not seen),
+    and fine-tuning trains fewer examples than a full retraining would. Otherwise a full one, and why."""
     if config.mode == "full":
         return TrainingPlan("full", "a full retraining was asked for")
     if champion is None:
@@ -169,6 +169,18 @@ def training_plan(config: TrainingConfig, champion: ModelVersion | None, model: 
     if not new:
         return TrainingPlan("full", f"the champion {champion.version} trained on every batch of the training split")
     selection = replay_selection(Path(train["index"]), new, config.replay_ratio, config.seed, config.new_passes)
+    # In a young project the replay is all of the history and the new rows count twice: fine-tuning can
+    # train more examples than a full retraining, which then costs less and forgets nothing.
+    optim = config.optim()
+    incremental_epochs = config.incremental().fine_tune(optim).epochs
+    incremental_passes, full_passes = len(selection.indices) * incremental_epochs, train["examples"] * optim.epochs
+    if incremental_passes >= full_passes:
+        return TrainingPlan("full", (
+            f"fine-tuning the champion {champion.version} would train {incremental_passes:,} examples ({len(selection.indices):,} "
+            f"per epoch x {incremental_epochs}: the new batches' {selection.new_examples:,} x{selection.new_passes} and "
+            f"{selection.replay_examples:,} replayed) against a full retraining's {full_passes:,} ({train['examples']:,} x "
+            f"{optim.epochs}): the history is too small for fine-tuning to save time"
+        ))
     return TrainingPlan("incremental", (
         f"fine-tunes the champion {champion.version} on {selection.new_examples} training examples of {len(new)} new "
         f"batch(es) ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}), {selection.new_passes}x per epoch, "
