@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orchestration.policy import RetrainingPolicy
 from training.config import ModelConfig
-from transforms.classes import class_name_problem
+from transforms.classes import class_name, class_name_problem
 from transforms.images import ImageMode, Preprocessing, ResizePolicy
 
 
@@ -51,6 +51,7 @@ class Project(BaseModel):
     @field_validator("classes")
     @classmethod
     def _names(cls, classes: list[str]) -> list[str]:
+        classes = [class_name(name) for name in classes]
         for name in classes:
             if problem := class_name_problem(name):
                 raise ValueError(problem)

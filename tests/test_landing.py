@@ -93,6 +93,22 @@ def test_labels_may_be_class_names_or_indices_and_an_unknown_name_is_quarantined
     )
 
 
+def test_a_class_name_is_one_class_whether_typed_composed_or_decomposed(tmp_path: Path):
+    """macOS and some editors write "é" as "e" and a combining accent: the same class as the composed
+    "é" in flywheel.yaml, a manifest or a label file, wherever the name comes from."""
+    from orchestration.project import Project
+    from transforms.classes import resolve_classes
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert Project(classes=[decomposed, "th\u00e9"]).classes == [composed, "th\u00e9"]
+    assert resolve_classes([], [], pl.Series([decomposed, " th\u00e9 ", composed])) == [composed, "th\u00e9"]
+    assert resolve_classes([], [], pl.Series([decomposed]), declared=[decomposed, "th\u00e9"]) == [composed, "th\u00e9"]
+    path = tmp_path / "drinks.parquet"
+    landing_frame([good(0), good(1), good(2)]).with_columns(pl.Series("label", [decomposed, composed, "the\u0301"])).write_parquet(path)
+    batch = validate_batch(path, read_landing_file(path), RULES, [composed, "th\u00e9"])
+    assert batch.images["label"].to_list() == [0, 0, 1] and batch.quarantined.is_empty()
+
+
 def test_ids_and_contents_already_in_other_batches_are_quarantined(tmp_path: Path):
     path = tmp_path / "later.parquet"
     landing_frame([good(0), good(1), good(2)]).write_parquet(path)

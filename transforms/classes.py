@@ -9,8 +9,9 @@ Where they come from, first match wins:
    every name of the whole landing into each of its batch files), else its labels' names, sorted.
    Integer labels (the digits default) mean the classes "0" .. "9".
 
-Labels in landing and label files may be class names or indices. A name outside the classes is
-quarantined as `unknown_class`, with a message that says how to add it.
+Labels in landing and label files may be class names or indices. Names are compared composed (NFC)
+and stripped (`class_name`). A name outside the classes is quarantined as `unknown_class`, with a
+message that says how to add it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ def class_name_problem(name: str) -> str | None:
     return None if CLASS_NAME_PATTERN.fullmatch(name) else f"class name {name!r} is not allowed ({CLASS_NAME_RULE})"
 
 
-def folder_class_name(folder_name: str) -> str:
-    """A class folder's name as a class name: NFC, as typed. macOS writes names decomposed ("e" and a
-    combining accent), which would otherwise be another class than the "é" of a manifest or flywheel.yaml."""
-    return unicodedata.normalize("NFC", folder_name)
+def class_name(text: str) -> str:
+    """A class or label name as flywheel compares it: composed (NFC), without surrounding spaces. macOS
+    writes folder names decomposed ("e" and a combining accent), editors may too: "café" is one class
+    whether it comes from a folder, a manifest, a label file or flywheel.yaml."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def label_text(labels: pl.Expr | pl.Series) -> pl.Expr | pl.Series:
+    """`class_name` of a column of labels (names or indices, text or integers)."""
+    return labels.cast(pl.Utf8).str.normalize("NFC").str.strip_chars()
 
 
 def resolve_classes(
@@ -60,7 +67,7 @@ def resolve_classes(
         return []
     if labels.dtype.is_integer() or labels.cast(pl.Utf8).str.contains(INDEX_PATTERN).all():
         return list(DIGITS_CLASSES)
-    names = declared or labels.cast(pl.Utf8).str.strip_chars().unique().to_list()
+    names = [class_name(name) for name in declared] if declared else label_text(labels).unique().to_list()
     return sorted(name for name in set(names) if class_name_problem(name) is None and not re.fullmatch(INDEX_PATTERN, name))
 
 
@@ -68,7 +75,7 @@ def label_index(labels: pl.Expr, classes: list[str]) -> pl.Expr:
     """A label column of names or indices (as text or integers) -> the class index; null where the label
     is null or names no class."""
     names = pl.Series("name", classes, dtype=pl.Utf8)
-    text = labels.cast(pl.Utf8).str.strip_chars()
+    text = label_text(labels)
     by_name = text.replace_strict(names, pl.Series(range(len(classes)), dtype=pl.Int64), default=None, return_dtype=pl.Int64)
     by_index = pl.when(text.str.contains(INDEX_PATTERN)).then(text.cast(pl.Int64, strict=False))
     in_range = by_index.is_between(0, len(classes) - 1)

@@ -33,7 +33,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from transforms.classes import class_name_problem, folder_class_name
+from transforms.classes import class_name, class_name_problem, label_text
 from transforms.images import IMAGE_SUFFIXES
 from transforms.landing import ROW_GROUP_BYTES, LandingFileWriter, check_batch_id, landed_files
 
@@ -93,7 +93,7 @@ def folder_items(source: Path, labels: Labels, problems: list[str]) -> Iterator[
             problems.append(f"{entry.path}: not inside a class folder, so it has no label: skipped (SOURCE/<class>/<image>)")
         if not entry.is_dir(follow_symlinks=False):
             continue
-        name = folder_class_name(entry.name)
+        name = class_name(entry.name)
         problem = class_name_problem(name)
         if problem:
             problems.append(f"{entry.path}: {problem}: its images were skipped; rename the folder")
@@ -155,7 +155,7 @@ def manifest_items(manifest: Path, labels: Labels, problems: list[str]) -> Itera
                 problems.append(f"{where}: captured_at {record.get('captured_at')!r} is not a timestamp: skipped")
                 continue
             yield SourceItem(
-                location, f"{where} ({location})", label=None if label is None else str(label).strip() or None,
+                location, f"{where} ({location})", label=None if label is None else class_name(str(label)) or None,
                 image_id=record.get("image_id") or None, captured_at=captured,
             )
 
@@ -339,7 +339,7 @@ def _manifest_label_names(manifest: Path) -> list[str]:
     names: set[str] = set()
     for batch in _manifest_batches(manifest):
         if "label" in batch.schema.names:
-            column = pl.from_arrow(batch.select(["label"]))["label"].cast(pl.Utf8).str.strip_chars().drop_nulls()
+            column = label_text(pl.from_arrow(batch.select(["label"]))["label"]).drop_nulls()
             names.update(name for name in column.to_list() if name and class_name_problem(name) is None)
     return sorted(names)
 
