@@ -29,7 +29,7 @@ class ExportConfig(dg.Config):
     max_parity_diff: float = Field(1e-3, gt=0, description="Largest allowed |torch - ONNX fp32| logit difference.")
     calibration_images: int = Field(
         512, ge=16, description="int8 calibration sample: at most this many validation images, balanced over the classes "
-        "(fewer at high resolutions: training.export.CALIBRATION_PIXELS bounds its memory).",
+        "(fewer at high resolutions: training.export.CALIBRATION_PIXELS bounds its time).",
     )
     temperature_images: int = Field(
         5000, ge=100, description="The served model's temperature (accuracy estimates before labels) is fitted on at most "
