@@ -103,6 +103,28 @@ def test_an_unreachable_cluster_fails_the_asset_in_one_line_naming_the_address(t
     assert f"dagster._core.definitions.events.Failure: training failed: Ray cluster at {address} is unreachable: Connection refused" in description, description
 
 
+def test_an_unreachable_cluster_fails_dataset_writing_in_one_line_naming_the_address(home: Path):
+    """The images no earlier run decoded are decoded on the cluster: unreachable, the asset fails in one
+    line (a Failure, not retried), as the training does."""
+    import dagster as dg
+
+    from orchestration.assets.datasets import ffcv_datasets
+    from tests.conftest import resources_for
+    from tests.test_ingestion import GOOD, ingest, write_batch
+
+    write_batch(home / "landing", "some-000", GOOD)
+    with dg.instance_for_test() as instance:
+        assert ingest("some-000", resources_for(home), instance).success
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    result = dg.materialize([ffcv_datasets], resources=resources_for(home) | {"compute": on_ray(address)}, raise_on_error=False)
+    failure = next(event for event in result.all_events if event.event_type_value == "STEP_FAILURE")
+    assert failure.event_specific_data.error.message.strip() == (
+        f"dagster._core.definitions.events.Failure: Ray cluster at {address} is unreachable: Connection refused"
+    ), failure.event_specific_data.error_display_string
+
+
 def test_ray_data_measures_a_generated_batch_exactly_as_the_single_machine_path(ray_cluster: str, tmp_path: Path):
     import polars as pl
     import pyarrow as pa

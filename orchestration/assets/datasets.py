@@ -23,10 +23,13 @@ def ffcv_datasets(context: dg.AssetExecutionContext, flywheel: FlywheelHome, com
     with warehouse.connect(flywheel.warehouse, read_only=True) as connection:
         decoded_on_ray = 0
         if compute.launcher == "ray":  # the cluster decodes and resizes what no earlier run has, pack by pack
-            from training.ray_data import decode_on_ray
+            from training.ray_data import RayLaunchError, decode_on_ray
 
             packs = warehouse.packs_to_decode(connection, preprocessing)
-            decoded_on_ray = decode_on_ray(compute.ray_address, warehouse.image_store(connection).root, packs, preprocessing)
+            try:
+                decoded_on_ray = decode_on_ray(compute.ray_address, warehouse.image_store(connection).root, packs, preprocessing)
+            except RayLaunchError as error:
+                raise dg.Failure(description=str(error), allow_retries=False) from None
         classes = warehouse.stored_classes(connection)
         digests = warehouse.shard_fingerprints(connection)
         missing = [split for split in SPLITS if not any(s == split for s, _ in digests)]

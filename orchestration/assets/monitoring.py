@@ -89,9 +89,13 @@ def drift_report(
         ).images[:16]
         # What is served is the int8 file: its predictions are the ones that count.
         if compute.launcher == "ray":  # the batch's pass over both models runs on the cluster
+            from training.ray_data import RayLaunchError
             from training.ray_inference import embed_and_score_on_ray
 
-            embeddings, logits = embed_and_score_on_ray(compute.ray_address, records.images, champion.weights, card.model, champion.int8)
+            try:
+                embeddings, logits = embed_and_score_on_ray(compute.ray_address, records.images, champion.weights, card.model, champion.int8)
+            except RayLaunchError as error:
+                raise dg.Failure(description=str(error), allow_retries=False) from None
         else:
             embeddings, _ = embed_and_predict(load_classifier(champion.weights, card.model), records.images)
             logits = predict_onnx(champion.inference_session(), records.images)
