@@ -52,7 +52,7 @@ def _drift_rows(reports: list[dict]) -> list[dict]:
             "embedding p": round(r["embedding"]["p_value"], 3),
             "drift": "DRIFT" if r["drifted"] else "-",
             "champion accuracy": "unlabeled" if r["champion_accuracy"] is None else f"{r['champion_accuracy']:.3f}",
-            "estimated before labels": _estimate_text(r.get("estimated_accuracy")),  # reports before estimates have none
+            "estimated before labels": _estimate_text(r.get("estimated_accuracy"), r.get("estimate_trusted", True)),  # reports before estimates have none
             "estimate error": "-" if not r.get("estimate_check") else
             f"{100 * r['estimate_check']['error']:+.1f} pts{'' if r['estimate_check']['covered'] else ' (outside)'}",
         }
@@ -60,8 +60,10 @@ def _drift_rows(reports: list[dict]) -> list[dict]:
     ]
 
 
-def _estimate_text(estimate: dict | None) -> str:
-    return "-" if not estimate else f"{estimate['accuracy']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]"
+def _estimate_text(estimate: dict | None, trusted: bool) -> str:
+    if not estimate:
+        return "-"
+    return f"{estimate['accuracy']:.3f} [{estimate['low']:.3f}, {estimate['high']:.3f}]" + ("" if trusted else " drifted: not trusted")
 
 
 def print_tick_summary(report: TickReport, flywheel: FlywheelHome) -> None:

@@ -106,11 +106,13 @@ def drift_over_time_png(reports: list[dict], path: Path) -> Path:
                 marker="s", label="champion accuracy on labels")
     # Reports from before accuracy estimates have none.
     estimates = [r.get("estimated_accuracy") or {"accuracy": float("nan"), "low": float("nan"), "high": float("nan")} for r in reports]
-    middle = np.array([e["accuracy"] for e in estimates])
-    bottom.errorbar(
-        batches, middle, yerr=[middle - [e["low"] for e in estimates], [e["high"] for e in estimates] - middle],
-        fmt="^", capsize=3, color="tab:green", label="estimated accuracy before labels (95% interval)",
-    )
+    middle, low, high = (np.array([e[key] for e in estimates]) for key in ("accuracy", "low", "high"))
+    trusted = np.array([r.get("estimate_trusted", True) for r in reports])
+    for shown, style in ((trusted, {"fmt": "^", "color": "tab:green", "label": "estimated accuracy before labels (95% interval)"}),
+                         (~trusted, {"fmt": "^", "color": "grey", "mfc": "none", "label": "estimate on a drifted batch: not trusted"})):
+        if shown.any():
+            where = np.where(shown, 1.0, np.nan)
+            bottom.errorbar(batches, middle * where, yerr=[(middle - low) * where, (high - middle) * where], capsize=3, **style)
     bottom.set(ylim=(0, 1.05))
     bottom.legend(fontsize=7, loc="lower left")
     bottom.tick_params(axis="x", labelrotation=45, labelsize=7)

@@ -166,6 +166,10 @@ def test_the_loop_retrains_on_drift_and_not_on_clean_data(home: Path, capsys):
     metadata = loop.instance.get_latest_materialization_event(dg.AssetKey("drift_report")).asset_materialization.metadata
     assert metadata["batch"].value == "invert-000" and metadata["samples"].value.startswith("![batch invert-000 beside")
     assert "batch_image_stats.brightness" in metadata["features"].value
+    # The champion stays confident on inverted digits it gets wrong: its estimate is shown, not trusted.
+    assert not report["estimate_trusted"] and "not trusted: the batch drifted" in metadata["estimated_accuracy"].value
+    print_status(loop.flywheel)
+    assert "drifted: not trusted" in capsys.readouterr().out
     retrain = loop.tick(drift_sensor)
     assert len(retrain) == 1 and "invert-000 drifted" in retrain[0].tags["flywheel/reason"]
     # Same code and network as the champion: fine-tuned on the batches it has not seen and a replay sample.

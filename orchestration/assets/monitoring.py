@@ -116,6 +116,9 @@ def drift_report(
         if card.calibration and labeled.any() else None
     )
 
+    # Under covariate shift a network stays confident on images it gets wrong (bench/estimate.py: off by
+    # 30-90 points on every drifted kind but the mildest), so an estimate is trusted only without drift.
+    untrusted = " (not trusted: the batch drifted, and confidences do not fall with accuracy under covariate shift)" if drifted else ""
     value = {
         "batch_id": batch_id,
         "champion": champion.version,
@@ -128,6 +131,7 @@ def drift_report(
         "champion_accuracy": champion_accuracy,
         "champion_test_accuracy": card.metrics.test_accuracy_int8,
         "estimated_accuracy": estimate.to_dict() if estimate else None,
+        "estimate_trusted": not drifted,
         "estimate_check": estimate_check,
     }
     drop = accuracy_drop(value, card, flywheel.project.retraining)
@@ -142,7 +146,7 @@ def drift_report(
     context.log.info(
         f"batch {batch_id}: {'DRIFT' if drifted else 'no drift'} — {100 * features.drifted_share:.0f}% of image "
         f"statistics drifted, embedding MMD p={embedding.p_value:.3f}, prediction {classes.method}={classes.statistic:.3g}; "
-        f"champion accuracy on its labels: {champion_accuracy}; estimated before labels: {estimate.text() if estimate else 'no calibration'}"
+        f"champion accuracy on its labels: {champion_accuracy}; estimated before labels: {estimate.text() + untrusted if estimate else 'no calibration'}"
     )
     yield dg.Output(
         value,
@@ -156,7 +160,7 @@ def drift_report(
             "champion": champion.version,
             "champion_accuracy": accuracy_text(champion_accuracy, int(labeled.sum())) if champion_accuracy is not None else "unlabeled",
             "labeled_rows": int(labeled.sum()),
-            "estimated_accuracy": estimate.text() if estimate else "no calibration in the champion's card",
+            "estimated_accuracy": estimate.text() + untrusted if estimate else "no calibration in the champion's card",
             "estimate_error": (
                 f"{100 * estimate_check['error']:+.1f} points on {estimate_check['images']} labeled images "
                 f"(interval {'covers' if estimate_check['covered'] else 'misses'} the real accuracy)"
