@@ -178,10 +178,10 @@ def test_the_int8_drop_blocks_only_when_it_is_significantly_beyond_the_limit():
 
 def test_the_search_prefers_recipes_whose_measured_drop_is_within_the_limit():
     """A faster recipe whose drop is only not significantly beyond the limit ranks after one within it."""
-    within = RecipeTrial("slow", 0.99, 2.0, 300, True)
-    beyond = RecipeTrial("fast", 0.975, 1.0, 300, True)
-    refused = RecipeTrial("fastest", 0.9, 0.5, 300, False)
-    assert passing_ranking([beyond, refused, within], fp32_accuracy=0.99, policy=limits(0.01)) == ["slow", "fast"]
+    within = RecipeTrial("slow", 0.99, 2.0, 300, True, drop=Int8Drop(70, 0, 0, 0.0))
+    beyond = RecipeTrial("fast", 0.975, 1.0, 300, True, drop=Int8Drop(70, 1, 0, 0.0))  # 1.43 points, not significant
+    refused = RecipeTrial("fastest", 0.9, 0.5, 300, False, drop=Int8Drop(70, 10, 0, 0.07))
+    assert passing_ranking([beyond, refused, within], policy=limits(0.01)) == ["slow", "fast"]
 
 
 def test_calibration_takes_a_bounded_sample_balanced_over_the_classes(digits_splits: dict):

@@ -280,9 +280,9 @@ def _trial(
     return trial, candidate
 
 
-def _preference(fp32_accuracy: float, policy: ExportGatePolicy) -> Callable[[RecipeTrial], tuple[bool, float]]:
+def _preference(policy: ExportGatePolicy) -> Callable[[RecipeTrial], tuple[bool, float]]:
     """Among acceptable recipes: those whose measured drop is within the limit first, then the fastest."""
-    return lambda trial: (fp32_accuracy - trial.accuracy > policy.max_accuracy_drop + 1e-9, trial.latency_ms_batch64)
+    return lambda trial: (trial.drop is not None and trial.drop.drop > policy.max_accuracy_drop + 1e-9, trial.latency_ms_batch64)
 
 
 def choose_int8(
@@ -310,7 +310,7 @@ def choose_int8(
         candidate.unlink(missing_ok=True)
     results = [_trial(*arguments, recipe, *limits) for recipe in recipes]
     passing = [result for result in results if result[0].acceptable]
-    preference = _preference(float((fp32_predictions == test.labels).mean()), policy)
+    preference = _preference(policy)
     # When no recipe passes both limits, the most accurate is kept and the export gate says no.
     chosen, chosen_path = (
         min(passing, key=lambda r: preference(r[0])) if passing
@@ -322,9 +322,9 @@ def choose_int8(
     return chosen, [trial for trial, _ in results], True
 
 
-def passing_ranking(trials: list[RecipeTrial], fp32_accuracy: float, policy: ExportGatePolicy) -> list[str]:
+def passing_ranking(trials: list[RecipeTrial], policy: ExportGatePolicy) -> list[str]:
     """The acceptable recipes in the search's order of preference: what the next export tries, in order."""
-    return [trial.recipe for trial in sorted(trials, key=_preference(fp32_accuracy, policy)) if trial.acceptable]
+    return [trial.recipe for trial in sorted(trials, key=_preference(policy)) if trial.acceptable]
 
 
 def export_candidate(
@@ -346,7 +346,7 @@ def export_candidate(
         remembered=recipe_memory.recall(key) if recipe_memory else None,
     )
     if recipe_memory and searched and chosen.acceptable:
-        recipe_memory.remember(key, passing_ranking(trials, fp32_accuracy, policy))
+        recipe_memory.remember(key, passing_ranking(trials, policy))
     int8 = directory / "model.int8.onnx"
     return ExportReport(
         fp32_path=str(fp32),
